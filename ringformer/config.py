@@ -181,7 +181,8 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int
     for k in ("mlp_chunk", "loss_chunk"):
         c = min(m[k], local)
         _need(c > 0 and local % c == 0,
-              f"model.{k}={m[k]} does not divide the {local} tokens per device (seq_len={d.seq_len}, sp={sp})",
+              f"model.{k}={m[k]} does not divide the {local} tokens per device"
+              f" (seq_len={d.seq_len}, sp={sp})",
               f"use a chunk that divides {local}")
     if a.impl != "ring":
         _need(sp == 1, f"attention.impl={a.impl!r} cannot split the sequence over mesh.sp={sp}",
