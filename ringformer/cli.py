@@ -41,3 +41,29 @@ def run_main(main: Callable[[], int | None]) -> None:
         print("error: interrupted (run the same command again to resume)", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def devices_for_mesh(mesh_cfg, num_processes: int = 1) -> int:
+    """Virtual CPU devices this process needs for `mesh_cfg` (-1 fills up to 8 in all)."""
+    sizes = [int(mesh_cfg[a]) for a in ("dp", "fsdp", "sp", "tp")]
+    known = 1
+    for s in sizes:
+        if s > 0:
+            known *= s
+    total = known if -1 not in sizes else max(known, 8 // known * known if known <= 8 else known)
+    return max(1, total // max(num_processes, 1))
+
+
+def parse_flags(argv: list[str]) -> None:
+    """Parse absl flags, turning a bad flag or config override into a UserError."""
+    from absl import flags
+
+    from ringformer.errors import ConfigError
+
+    try:
+        flags.FLAGS(argv)
+    except flags.Error as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(msg, "check the flag names and config keys (--helpfull lists flags)") from None
+    except (FileNotFoundError, OSError) as e:
+        raise ConfigError(f"cannot read config file: {e}", "pass an existing configs/NAME.py") from None

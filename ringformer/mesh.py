@@ -41,3 +41,24 @@ def parse_mesh_flag(text: str) -> dict[str, int]:
             raise ConfigError(f"bad --mesh entry {part!r}", "write e.g. --mesh dp=1,fsdp=1,sp=4,tp=1")
         sizes[name] = int(value)
     return sizes
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+    """Start JAX's multi-controller runtime when asked; on one process this does nothing.
+
+    With explicit flags it connects to the coordinator; with none, JAX's own auto-detection
+    (SLURM, TPU pods) applies when the environment shows a cluster. CPU processes talk over gloo.
+    """
+    import os
+
+    explicit = coordinator_address is not None or (num_processes or 1) > 1
+    cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES"))
+    if not explicit and not cluster:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    else:
+        jax.distributed.initialize()

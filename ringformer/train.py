@@ -1,0 +1,260 @@
+"""The training loop: config -> sharded state -> steps, with metrics, evaluation and checkpoints.
+
+`train_and_evaluate(config, workdir)` is the whole job. `make_train_step` builds the pure
+`train_step(state, batch) -> (state, metrics)` that is jitted once with donated state and
+explicit shardings. Resuming is bitwise exact on CPU: a checkpoint holds the parameters, the
+optimizer state, the step and the data iterator's position, and the step function is
+deterministic given those.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from tqdm import tqdm
+
+from ringformer import checkpoint as ckpt_lib
+from ringformer import data as data_lib
+from ringformer import evaluate, metrics, model, optim, sharding
+from ringformer.config import validate
+from ringformer.errors import CheckpointError, UserError
+from ringformer.mesh import make_mesh
+from ringformer.tokenizer import load_tokenizer
+from ringformer.workdir import WorkdirLock, prepare_workdir
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: the number of optimizer steps taken
+    params: Any
+    opt_state: Any
+
+
+def _microbatches(batch: dict, accum: int) -> dict:
+    """[B, S] -> [accum, B/accum, S], taking every accum-th row so each microbatch keeps an
+    equal share of every data-parallel shard (no cross-device movement)."""
+    def split(x):
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(model_cfg: model.ModelConfig, tx: optax.GradientTransformation, mesh,
+                    *, grad_accum_steps: int = 1, skip_nonfinite: bool = False):
+    """The pure step. Gradients are of the token-summed loss over all microbatches, divided by
+    the total token count, so accumulation changes memory, not the result."""
+    grad_fn = jax.value_and_grad(
+        lambda p, mb: model.loss_fn(model_cfg, p, mb, mesh=mesh), has_aux=True)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def micro(carry, mb):
+            grads, loss_sum, n_tokens = carry
+            (l_sum, n), g = grad_fn(state.params, mb)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + l_sum, n_tokens + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        if grad_accum_steps == 1:
+            (grads, loss_sum, n_tokens), _ = micro(init, batch)
+        else:
+            (grads, loss_sum, n_tokens), _ = jax.lax.scan(
+                micro, init, _microbatches(batch, grad_accum_steps))
+        denom = jnp.maximum(n_tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite update is never applied: either the step is skipped (opt-in) or the
+        # host stops the run, and in both cases the state stays the last good one.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + jnp.where(finite | skip_nonfinite, 1, 0).astype(state.step.dtype),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state))
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": n_tokens,
+                           "finite": finite}
+
+    return train_step
+
+
+def init_state(model_cfg: model.ModelConfig, tx, mesh, seed: int) -> TrainState:
+    """Parameters are born sharded: shapes from eval_shape, shardings from the rules table."""
+    rng = jax.random.PRNGKey(seed)
+    init = functools.partial(model.init_params, model_cfg)
+    abstract = jax.eval_shape(init, rng)
+    shardings = sharding.param_shardings(abstract, model.param_logical_axes(model_cfg), mesh)
+    params = jax.jit(init, out_shardings=shardings)(rng)
+    # The optimizer moments inherit each parameter's sharding through propagation.
+    opt_state = jax.jit(tx.init)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+    return TrainState(step, params, opt_state)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT ask for a checkpoint at the current step and a clean exit (preemption)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
+    mine = _config_json(config)["model"]
+    theirs = saved.get("model", {})
+    diff = sorted(k for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                              "tie_embeddings") if theirs.get(k) != mine.get(k))
+    if diff:
+        detail = ", ".join(f"model.{k}: checkpoint {theirs.get(k)} vs config {mine.get(k)}"
+                           for k in diff)
+        raise CheckpointError(f"the checkpoint in the workdir was written by another model ({detail})",
+                              "use the original config or a fresh --workdir")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
+    mesh_sizes = validate(config, jax.device_count())
+    workdir = prepare_workdir(workdir)
+    with WorkdirLock(workdir), _StopSignal() as stop:
+        return _train(config, workdir, mesh_sizes, stop)
+
+
+def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
+    cfg_t, cfg_d = config.train, config.data
+    lead = jax.process_index() == 0
+    tokenizer = load_tokenizer(cfg_d.tokenizer)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise UserError(f"tokenizer {cfg_d.tokenizer!r} has {tokenizer.vocab_size} ids but "
+                        f"model.vocab_size={config.model.vocab_size}",
+                        f"set --config.model.vocab_size={tokenizer.vocab_size} or more")
+    mesh = make_mesh(config.mesh)
+    model_cfg = model.ModelConfig.from_config(config)
+    layout = config.attention.layout if config.attention.impl == "ring" else "contiguous"
+    # Data first: bad data is reported before anything is compiled.
+    train_iter = data_lib.TrainIterator(cfg_d, tokenizer, mesh, seed=cfg_t.seed, layout=layout)
+    eval_set = list(data_lib.eval_batches(cfg_d, tokenizer, mesh, n_batches=cfg_t.eval_batches,
+                                          layout=layout)) if cfg_d.eval_files else []
+
+    tx = optim.make_optimizer(config.optim, cfg_t.steps)
+    schedule = optim.make_schedule(config.optim, cfg_t.steps)
+    state = init_state(model_cfg, tx, mesh, cfg_t.seed)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg_t.keep_checkpoints)
+    start = 0
+    if checkpointer.latest_valid_step() is not None:
+        state, data_state, saved_config = checkpointer.restore(None, _abstract(state))
+        _check_compatible(saved_config, config)
+        train_iter.restore(data_state)
+        start = int(state.step)
+    elif lead:
+        (workdir / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
+
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_shardings = sharding.batch_sharding(mesh)
+    step_fn = jax.jit(
+        make_train_step(model_cfg, tx, mesh, grad_accum_steps=config.optim.grad_accum_steps,
+                        skip_nonfinite=cfg_t.skip_nonfinite),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    eval_step = evaluate.make_eval_step(model_cfg, mesh)
+
+    logger = metrics.MetricsLogger(workdir, enabled=lead)
+    logger.truncate_after(start)
+    peak = cfg_t.peak_flops or metrics.measure_peak_flops()
+    tokens_per_step = cfg_d.global_batch_size * cfg_d.seq_len
+    flops_per_token = metrics.flops_per_token(model_cfg, cfg_d.seq_len)
+
+    def save(step: int, *, force: bool = False) -> None:
+        checkpointer.save(step, state, data_state=train_iter.state(),
+                          config_json=_config_json(config), force=force)
+
+    last: dict[str, Any] = {"step": start}
+    window: list[dict] = []
+    skipped = 0
+    bar = tqdm(total=cfg_t.steps, initial=start, disable=not lead, desc="train", unit="step")
+    t_window = time.perf_counter()
+    step = start
+    try:
+        while step < cfg_t.steps:
+            if stop.received is not None:
+                break
+            batch = next(train_iter)
+            state, m = step_fn(state, batch)
+            m = jax.device_get(m)
+            step += 1
+            if not m["finite"]:
+                if not cfg_t.skip_nonfinite:
+                    raise UserError(f"non-finite loss or gradient norm at step {step} "
+                                    f"(loss={m['loss']}, grad_norm={m['grad_norm']})",
+                                    "lower optim.lr or check the data; the last good checkpoint "
+                                    "is kept, or set train.skip_nonfinite=True to skip such steps")
+                skipped += 1
+            else:
+                window.append(m)
+            if step % cfg_t.log_every == 0 or step == cfg_t.steps:
+                elapsed = time.perf_counter() - t_window
+                n_steps = max(len(window), 1)
+                tps = tokens_per_step * n_steps / max(elapsed, 1e-9)
+                row = {"step": step,
+                       "loss": float(sum(w["loss"] for w in window) / n_steps) if window else None,
+                       "lr": float(schedule(step - 1)),
+                       "grad_norm": float(sum(w["grad_norm"] for w in window) / n_steps)
+                       if window else None,
+                       "tokens_per_sec": tps,
+                       "mfu": metrics.mfu(tps, flops_per_token, jax.device_count(), peak)}
+                if cfg_t.skip_nonfinite:
+                    row["skipped_steps"] = skipped
+                logger.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}" if window else "nan",
+                                tok_s=f"{tps:,.0f}")
+                last.update(row)
+                window, t_window = [], time.perf_counter()
+            if eval_set and (step % cfg_t.eval_every == 0 or step == cfg_t.steps):
+                ev = evaluate.eval_loss(eval_step, state.params, eval_set)
+                row = {"step": step, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]}
+                logger.log(row)
+                last.update(row)
+                t_window = time.perf_counter()
+            if step % cfg_t.save_every == 0:
+                save(step)
+            bar.update(1)
+        # The final step (or the step a stop signal arrived at) is always saved.
+        save(step, force=True)
+    finally:
+        bar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        logger.close()
+    if lead:
+        metrics.plot_metrics(workdir)
+    last["step"] = step
+    last["stopped_by_signal"] = stop.received is not None
+    return last
