@@ -8,9 +8,11 @@ activations keep "embed" whole because their batch already uses the fsdp devices
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXES = ("dp", "fsdp")
@@ -71,3 +73,54 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain(x, names: Sequence[str | None], mesh: Mesh | None):
+    """Pin an activation to the rules' sharding by logical names; a no-op without a mesh.
+
+    Dimensions the mesh axes do not divide stay replicated (same fitting as parameters), so
+    odd shapes in small tests never fail here.
+    """
+    if mesh is None:
+        return x
+    spec = fitted_spec(names, x.shape, mesh, params=False)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def seq_shards(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else mesh.shape["sp"]
+
+
+def num_seq_chunks(seq_len: int, chunk: int, mesh: Mesh | None) -> int:
+    """How many chunks to cut a sequence into so each device handles `chunk` tokens at a time.
+
+    `chunk` counts tokens per sequence shard (what config.validate checks against
+    seq_len / sp). A chunk that does not divide the local length falls back to their gcd, so
+    ad-hoc small inputs (e.g. `model.logits` on a 10-token prompt) still run exactly.
+    """
+    sp = seq_shards(mesh)
+    local = seq_len // sp if seq_len % sp == 0 else seq_len
+    c = max(1, min(chunk, local))
+    if local % c:
+        c = math.gcd(local, c)
+    return local // c
+
+
+def split_seq_chunks(x, n_chunks: int, axis: int = 1):
+    """[..., seq, ...] -> [n_chunks, ..., seq // n_chunks, ...] with chunk j = tokens i*n + j.
+
+    Strided (not contiguous) chunks: reshaping seq into (seq // n, n) keeps the outer factor
+    sharded over sp exactly as seq was, so every chunk is spread evenly over the sp devices
+    and a scan over chunks needs no communication. Token-wise maps (MLP, loss) do not care
+    which tokens share a chunk.
+    """
+    s = x.shape[axis]
+    x = x.reshape((*x.shape[:axis], s // n_chunks, n_chunks, *x.shape[axis + 1:]))
+    return jnp.moveaxis(x, axis + 1, 0)
+
+
+def merge_seq_chunks(x, axis: int = 1):
+    """Inverse of `split_seq_chunks`."""
+    n = x.shape[0]
+    x = jnp.moveaxis(x, 0, axis + 1)
+    return x.reshape((*x.shape[:axis], x.shape[axis] * n, *x.shape[axis + 2:]))
