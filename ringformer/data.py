@@ -1,0 +1,356 @@
+"""The data path: local files -> tokens (cached) -> packed rows -> global batches.
+
+- `load_documents` (from `ringformer.sources`) reads and checks the files.
+- `tokenize_documents` runs `datasets.map(batched=True)` once and keeps the result on disk,
+  keyed by the files' sizes and mtimes, the text field, the tokenizer and the process's share,
+  so the next run loads it memory-mapped and skips both reading and tokenizing.
+- `TrainIterator` packs (ringformer.packing), shuffles from the seed, applies the sequence
+  layout on the host and yields global `jax.Array`s with `batch_sharding(mesh)`. Its
+  `state()` is a small dict the trainer stores with every checkpoint.
+- `eval_batches` is the same path without shuffling, finite, padding the last batch.
+- `document_tokens` gives whole documents for the long-document evaluator.
+
+Document ids: `[BOS] + encode(text) + [EOS]`, BOS only when the tokenizer has one (the byte
+tokenizer has none). Batch fields are [batch, seq_len]: tokens, targets, segment_ids and
+positions (int32), loss_mask (float32); see `ringformer.packing`.
+
+Multi-process: every batch row belongs to the processes whose devices hold it. Processes
+holding the same rows (the sequence split over hosts) form one *share*; documents are dealt to
+shares round-robin, and each process tokenizes and packs only its share's documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from ringformer import layout as layouts
+from ringformer.errors import DataError
+from ringformer.packing import FIELDS, Packer, to_batch
+from ringformer.sharding import batch_sharding
+from ringformer.sources import DataWarning, datasets, load_documents, load_paths, resolve_files
+from ringformer.tokenizer import Tokenizer
+
+# `datasets` comes through sources, which makes it offline-only before its first import.
+
+__all__ = ["FIELDS", "DataWarning", "TrainIterator", "document_tokens", "eval_batches",
+           "eval_host_batches", "load_documents", "make_train_iterator", "tokenize_documents"]
+
+CACHE_VERSION = 1
+IDS_FEATURES = datasets.Features({"ids": datasets.List(datasets.Value("int32"))})
+
+
+# --------------------------------------------------------------------------- tokenization
+
+def _cache_root(paths: Sequence[Path], cache_dir: str) -> Path:
+    root = Path(cache_dir).expanduser() if cache_dir else \
+        (paths[0] if paths[0].is_dir() else paths[0].parent) / ".cache"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    # Read-only data (a shared mount): cache per user instead of failing.
+    fallback = Path.home() / ".cache" / "ringformer"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def _cache_key(paths: Sequence[Path], text_field: str, tok: Tokenizer, share: int,
+               n_shares: int) -> str:
+    h = hashlib.sha256()
+    stats = []
+    for p in paths:
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        stats.append([str(p.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                           for f in files])
+    h.update(json.dumps([CACHE_VERSION, stats, text_field, tok.name, tok.fingerprint,
+                         tok.bos_id, share, n_shares]).encode())
+    return h.hexdigest()[:20]
+
+
+def tokenize_documents(files: str | Sequence[str], tokenizer: Tokenizer, *,
+                       text_field: str = "text", cache_dir: str = "", share: int = 0,
+                       n_shares: int = 1) -> datasets.Dataset:
+    """Token ids (column `ids`, BOS included when the tokenizer has one, no EOS) of the
+    documents `share, share + n_shares, ...` of `files`; cached on disk after the first call."""
+    paths = resolve_files(files)
+    entry = _cache_root(paths, cache_dir) / \
+        f"tokens-{_cache_key(paths, text_field, tokenizer, share, n_shares)}"
+    if (entry / "state.json").is_file():
+        return datasets.load_from_disk(str(entry))
+
+    docs = load_paths(paths, text_field=text_field)
+    if n_shares > 1:
+        if len(docs) < n_shares:
+            raise DataError(f"{len(docs)} documents cannot be shared by {n_shares} processes",
+                            "add documents or run fewer processes")
+        docs = docs.shard(num_shards=n_shares, index=share, contiguous=False)
+    bos = tokenizer.bos_id
+
+    def encode(batch: dict) -> dict:
+        ids = tokenizer.encode_arrays(batch["text"])
+        if bos is not None:
+            ids = [np.concatenate([np.array([bos], np.int32), a]) for a in ids]
+        return {"ids": ids}
+
+    tokens = docs.map(encode, batched=True, batch_size=256, remove_columns=["text"],
+                      features=IDS_FEATURES, desc="tokenizing", new_fingerprint=entry.name)
+    # Write under a private name, then rename: a crash never leaves a half cache behind.
+    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+    tokens.save_to_disk(str(tmp))
+    try:
+        os.replace(tmp, entry)
+    except OSError:  # another process finished the same entry first; theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(entry))
+
+
+def _flat_ids(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of the `ids` column without a Python list per document."""
+    col = ds.with_format(None).data.table.column("ids")
+    values, offsets, base = [], [np.zeros(1, np.int64)], 0
+    for chunk in col.chunks:
+        off = np.asarray(chunk.offsets, dtype=np.int64)
+        values.append(np.asarray(chunk.flatten(), dtype=np.int32))
+        offsets.append(off[1:] - off[0] + base)
+        base += int(off[-1] - off[0])
+    vals = np.concatenate(values) if values else np.zeros(0, np.int32)
+    return vals, np.concatenate(offsets)
+
+
+def document_tokens(files: str | Sequence[str], tokenizer: Tokenizer,
+                    text_field: str = "text", *, cache_dir: str = "") -> list[np.ndarray]:
+    """One int32 array per document, in file order: `[BOS] + ids + [EOS]` (BOS if any)."""
+    values, offsets = _flat_ids(tokenize_documents(files, tokenizer, text_field=text_field,
+                                                   cache_dir=cache_dir))
+    eos = np.array([tokenizer.eos_id], np.int32)
+    return [np.concatenate([values[offsets[i]:offsets[i + 1]], eos])
+            for i in range(len(offsets) - 1)]
+
+
+# --------------------------------------------------------------------------- shares
+
+def _shares(mesh: Mesh | None, global_batch: int, seq_len: int, process_index: int | None,
+            process_count: int | None) -> tuple[list[np.ndarray], int]:
+    """(rows of each share, this process's share).
+
+    Derived from where the mesh puts batch rows; `process_index`/`process_count` simulate a
+    plain split of the batch over processes (tests, host-only use).
+    """
+    if process_count is not None or mesh is None:
+        n = process_count or 1
+        p = process_index or 0
+        if global_batch % n or not 0 <= p < n:
+            raise DataError(f"global batch {global_batch} cannot be split over {n} processes "
+                            f"(process {p})", f"use a batch size divisible by {n}")
+        return list(np.arange(global_batch).reshape(n, -1)), p
+    rows_of: dict[int, set[int]] = {}
+    for dev, idx in batch_sharding(mesh).devices_indices_map((global_batch, seq_len)).items():
+        rows_of.setdefault(dev.process_index, set()).update(range(*idx[0].indices(global_batch)))
+    return group_shares(rows_of, jax.process_index(), global_batch)
+
+
+def group_shares(rows_of: dict[int, set[int]], me: int,
+                 global_batch: int) -> tuple[list[np.ndarray], int]:
+    """Processes holding the same batch rows form one share: (rows of each share, mine)."""
+    distinct = sorted({tuple(sorted(r)) for r in rows_of.values()}, key=lambda r: r[0])
+    if sorted(i for r in distinct for i in r) != list(range(global_batch)):
+        raise DataError("processes hold overlapping but different batch rows on this mesh",
+                        "use a mesh whose dp/fsdp axes split the batch evenly over processes")
+    return [np.array(r) for r in distinct], distinct.index(tuple(sorted(rows_of[me])))
+
+
+def _check_shape(mesh: Mesh | None, layout: str, seq_len: int) -> int:
+    sp = 1 if mesh is None else int(mesh.shape["sp"])
+    try:
+        layouts.permutation(layout, seq_len, sp)
+    except ValueError as e:
+        raise DataError(str(e), "choose data.seq_len as a multiple of the layout's unit") from None
+    return sp
+
+
+# --------------------------------------------------------------------------- iterators
+
+class _Stream:
+    """Shared plumbing: this share's packed rows, layout, and host -> global arrays."""
+
+    def __init__(self, files, config_data, tokenizer: Tokenizer, mesh: Mesh | None, *,
+                 layout: str, process_index: int | None, process_count: int | None):
+        self.tokenizer, self.mesh, self.layout = tokenizer, mesh, layout
+        self.seq_len = int(config_data.seq_len)
+        self.global_batch = int(config_data.global_batch_size)
+        self.sp = _check_shape(mesh, layout, self.seq_len)
+        self.share_rows, self.share = _shares(mesh, self.global_batch, self.seq_len,
+                                              process_index, process_count)
+        self.simulated = process_count is not None and process_count != jax.process_count()
+        self.rows_per_batch = len(self.share_rows[self.share])
+        ds = tokenize_documents(files, tokenizer, text_field=config_data.get("text_field", "text"),
+                                cache_dir=config_data.get("cache_dir", "") or "",
+                                share=self.share, n_shares=len(self.share_rows))
+        self.values, self.offsets = _flat_ids(ds)
+        self.n_docs = len(self.offsets) - 1
+
+    def _packer(self, order: np.ndarray | None) -> Packer:
+        return Packer(self.values, self.offsets, row_len=self.seq_len + 1,
+                      eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, order=order)
+
+    def _host(self, packer: Packer, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        batch = to_batch(*packer.rows(rows))
+        return {k: np.ascontiguousarray(layouts.permute(v, self.layout, self.sp, axis=1))
+                for k, v in batch.items()}
+
+    def _global(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.mesh is None or self.simulated:
+            raise ValueError("this iterator simulates other processes or has no mesh; "
+                             "use next_host_batch()")
+        sharding = batch_sharding(self.mesh)
+        shape = (self.global_batch, self.seq_len)
+        return {k: jax.make_array_from_process_local_data(sharding, v, shape)
+                for k, v in host.items()}
+
+
+class TrainIterator(_Stream):
+    """Endless, shuffled, resumable global batches of `config_data.train_files`.
+
+    Epoch `e` packs this share's documents in the order `permutation(seed, e)` and visits the
+    rows in another seeded permutation (a long document's rows land in different batches).
+    Without `shuffle`, documents and rows stay in file order. Batches may straddle epochs.
+    """
+
+    def __init__(self, config_data, tokenizer: Tokenizer, mesh: Mesh | None, *, seed: int,
+                 layout: str = "contiguous", shuffle: bool = True, state: dict | None = None,
+                 files: str | Sequence[str] | None = None, process_index: int | None = None,
+                 process_count: int | None = None):
+        super().__init__(config_data.train_files if files is None else files, config_data,
+                         tokenizer, mesh, layout=layout, process_index=process_index,
+                         process_count=process_count)
+        self.seed, self.shuffle = int(seed), shuffle
+        self.batches = 0  # batches consumed: the one number every share agrees on
+        # Any document order packs into the same number of rows: the token count is fixed.
+        self.rows_per_epoch = max(1, -(-(len(self.values) + self.n_docs) // (self.seq_len + 1)))
+        self._epoch_cache: tuple[int, Packer, np.ndarray] | None = None
+        if state is not None:
+            self.restore(state)
+
+    def _epoch(self, epoch: int) -> tuple[Packer, np.ndarray]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed % 2**63, epoch, self.share])  # seeds >= 0
+                packer = self._packer(rng.permutation(self.n_docs))
+                visit = rng.permutation(packer.n_rows)
+            else:
+                packer = self._packer(None)
+                visit = np.arange(packer.n_rows)
+            self._epoch_cache = (epoch, packer, visit)
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def _position(self) -> tuple[int, int]:
+        consumed = self.batches * self.rows_per_batch
+        return divmod(consumed, self.rows_per_epoch)
+
+    def next_host_batch(self) -> dict[str, np.ndarray]:
+        """This process's rows of the next batch as numpy, layout applied, [rows, seq_len]."""
+        epoch, pos = self._position()
+        parts = []
+        need = self.rows_per_batch
+        while need:
+            packer, visit = self._epoch(epoch)
+            take = min(need, packer.n_rows - pos)
+            parts.append((packer, visit[pos:pos + take]))
+            need -= take
+            epoch, pos = epoch + 1, 0
+        self.batches += 1
+        hosts = [self._host(p, rows) for p, rows in parts]
+        return {k: np.concatenate([h[k] for h in hosts]) for k in FIELDS}
+
+    def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        return self._global(self.next_host_batch())
+
+    def state(self) -> dict:
+        """JSON-serialisable position. `batches` is authoritative; epoch/position are this
+        process's view, kept for people reading checkpoints."""
+        epoch, pos = self._position()
+        return {"seed": self.seed, "batches": self.batches, "epoch": epoch, "position": pos}
+
+    def restore(self, state: dict) -> None:
+        """Continue exactly after the batch at which `state` was taken."""
+        try:
+            seed = int(state["seed"])
+            if "batches" in state:
+                batches = int(state["batches"])
+            else:  # a state written by hand: epoch and row position of this share
+                rows = int(state["epoch"]) * self.rows_per_epoch + int(state["position"])
+                batches = rows // self.rows_per_batch
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"bad data iterator state {state!r}: {e}",
+                            "pass the dict returned by TrainIterator.state()") from None
+        if seed != self.seed:
+            self.seed, self._epoch_cache = seed, None  # the saved run's order, not ours
+        self.batches = batches
+
+
+def make_train_iterator(config_data, tokenizer: Tokenizer, mesh: Mesh | None, *, seed: int,
+                        layout: str = "contiguous", state: dict | None = None,
+                        **kwargs) -> TrainIterator:
+    return TrainIterator(config_data, tokenizer, mesh, seed=seed, layout=layout, state=state,
+                         **kwargs)
+
+
+class _EvalStream(_Stream):
+    def __init__(self, config_data, tokenizer, mesh, *, layout, files, process_index,
+                 process_count):
+        super().__init__(config_data.eval_files if files is None else files, config_data,
+                         tokenizer, mesh, layout=layout, process_index=process_index,
+                         process_count=process_count)
+        self.packer = self._packer(None)
+        rows = self.packer.n_rows
+        if jax.process_count() > 1 and not self.simulated:
+            # Every process must run the same number of eval steps or collectives hang.
+            from jax.experimental import multihost_utils
+
+            rows = int(np.max(multihost_utils.process_allgather(np.array(rows))))
+        self.n_batches = -(-rows // self.rows_per_batch)
+
+    def host_batches(self, n_batches: int | None) -> Iterator[dict[str, np.ndarray]]:
+        n = self.n_batches if n_batches is None else min(n_batches, self.n_batches)
+        for b in range(n):
+            rows = np.arange(b * self.rows_per_batch, (b + 1) * self.rows_per_batch)
+            yield self._host(self.packer, np.where(rows < self.packer.n_rows, rows, -1))
+
+
+def eval_host_batches(config_data, tokenizer: Tokenizer, mesh: Mesh | None = None, *,
+                      n_batches: int | None = None, layout: str = "contiguous",
+                      files: str | Sequence[str] | None = None,
+                      process_index: int | None = None,
+                      process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy version of `eval_batches` (this process's rows)."""
+    stream = _EvalStream(config_data, tokenizer, mesh, layout=layout, files=files,
+                         process_index=process_index, process_count=process_count)
+    return stream.host_batches(n_batches)
+
+
+def eval_batches(config_data, tokenizer: Tokenizer, mesh: Mesh, *, n_batches: int | None = None,
+                 layout: str = "contiguous",
+                 files: str | Sequence[str] | None = None) -> Iterator[dict[str, jax.Array]]:
+    """`config_data.eval_files` in file order, every document whole, as global batches.
+
+    Yields the first `n_batches` batches (all when None; at most as many as the data fills).
+    The last batch is padded with rows whose loss_mask is 0, so a loss averaged with the mask
+    counts every token once. Data is read (and checked) before the first batch is asked for.
+    """
+    stream = _EvalStream(config_data, tokenizer, mesh, layout=layout, files=files,
+                         process_index=None, process_count=None)
+    return (stream._global(h) for h in stream.host_batches(n_batches))

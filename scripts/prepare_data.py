@@ -1,0 +1,67 @@
+"""Build the default corpus: data/stdlib/{train,eval}.jsonl and data/passkey/passkey.jsonl.
+
+    python scripts/prepare_data.py [--out data] [--limit N] [--force]
+
+Idempotent: a second run with unchanged inputs returns at once. See data/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ringformer.cli import run_main
+from ringformer.errors import DataError
+
+
+def _numbers(text: str, kind: type) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise DataError(f"bad list {text!r}", "write comma-separated numbers, e.g. 1024,4096"
+                        ) from None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data"))
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N files")
+    parser.add_argument("--eval-fraction", type=float, default=0.05)
+    parser.add_argument("--passkey-lengths", default="1024,4096,16384")
+    parser.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    args = parser.parse_args()
+
+    from ringformer.corpus import build_passkey_file, build_stdlib_corpus
+
+    lengths = _numbers(args.passkey_lengths, int)
+    depths = _numbers(args.passkey_depths, float)
+    if not all(0 <= d <= 1 for d in depths) or not 0 < args.eval_fraction < 1:
+        raise DataError("passkey depths must lie in [0, 1] and --eval-fraction in (0, 1)",
+                        "e.g. --passkey-depths 0,0.5,1 --eval-fraction 0.05")
+    out = Path(args.out)
+    try:
+        stdlib = build_stdlib_corpus(out / "stdlib", limit=args.limit,
+                                     eval_fraction=args.eval_fraction, force=args.force)
+        passkey = build_passkey_file(out / "passkey" / "passkey.jsonl",
+                                     lengths=lengths, depths=depths,
+                                     seed=args.seed, force=args.force)
+    except OSError as e:
+        raise DataError(f"cannot write under {out}: {e}", "choose a writable --out") from None
+    except ValueError as e:
+        raise DataError(str(e), "use passkey lengths of a few hundred tokens or more"
+                        ) from None
+    state = "up to date" if stdlib["skipped"] else "written"
+    print(f"stdlib corpus {state}: {out / 'stdlib'} train={stdlib['train']['documents']} docs "
+          f"({stdlib['train']['bytes']} bytes), eval={stdlib['eval']['documents']} docs")
+    print(f"passkey documents {'up to date' if passkey['skipped'] else 'written'}: "
+          f"{passkey['out']} ({passkey['documents']} docs)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
