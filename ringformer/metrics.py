@@ -1,0 +1,236 @@
+"""Throughput accounting (FLOPs per token, MFU) and the run's metric outputs.
+
+The FLOP convention is written down in docs/metrics.md; `flops_per_token` is its only
+implementation. `MetricsLogger` writes `DIR/metrics.jsonl` (one JSON object per logged
+step) and the same scalars to TensorBoard in `DIR/tb/`; `plot_metrics` draws `DIR/loss.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+PLOT_FILE = "loss.png"
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and MFU
+
+
+def matmul_params(model_cfg) -> int:
+    """Weights that take part in a matmul for every token: projections, MLP and the LM head.
+
+    The embedding lookup is a gather, not a matmul, so it is not counted; the LM head is
+    counted once whether or not it is tied to the embedding.
+    """
+    d, n_layers, h, g = (int(model_cfg[k]) for k in ("dim", "n_layers", "n_heads", "n_kv_heads"))
+    f, v = int(model_cfg["ffn_dim"]), int(model_cfg["vocab_size"])
+    k = d // h
+    per_layer = d * h * k + 2 * d * g * k + h * k * d + 3 * d * f  # wq, wk+wv, wo, SwiGLU
+    return n_layers * per_layer + d * v
+
+
+def flops_per_token(model_cfg, seq_len: int, *, causal: bool = True) -> float:
+    """Training FLOPs (forward + backward) per token; see docs/metrics.md.
+
+    `6 * matmul_params` for the weight matmuls, plus attention scores and values:
+    `12 * n_layers * seq_len * n_heads * head_dim` non-causal, half that causal.
+    Recomputation under remat is not counted (this is model FLOPs, not hardware FLOPs).
+    """
+    n_layers, h = int(model_cfg["n_layers"]), int(model_cfg["n_heads"])
+    attn_width = h * (int(model_cfg["dim"]) // h)
+    attention = 12.0 * n_layers * seq_len * attn_width
+    if causal:
+        attention /= 2
+    return 6.0 * matmul_params(model_cfg) + attention
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, n_devices: int, peak: float) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s over `n_devices * peak` (per device)."""
+    if peak <= 0 or n_devices <= 0:
+        return float("nan")
+    return tokens_per_sec * flops_per_token / (n_devices * peak)
+
+
+def measure_peak_flops(*, n: int | None = None, dtype: Any = None, min_seconds: float = 0.25,
+                       devices: Sequence[Any] | None = None) -> float:
+    """Per-device matmul FLOP/s, measured with every local device multiplying at once.
+
+    Used when `train.peak_flops == 0` (CPU runs). All devices run together because the
+    virtual CPU devices share the same cores: timing one alone would credit each of them
+    with the whole machine. The result is an achieved rate, below the datasheet peak, so MFU
+    against it reads higher than against a vendor number. Default dtype float32.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = list(jax.local_devices() if devices is None else devices)
+    dtype = jnp.float32 if dtype is None else dtype
+    if n is None:
+        n = 512 if devices[0].platform == "cpu" else 4096
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("d",)), PartitionSpec("d"))
+    rng = np.random.default_rng(0)
+    a = jax.device_put(rng.standard_normal((len(devices), n, n), np.float32).astype(dtype), sharding)
+    b = jax.device_put(rng.standard_normal((len(devices), n, n), np.float32).astype(dtype), sharding)
+    matmul = jax.jit(lambda x, y: jnp.einsum("kij,kjl->kil", x, y), out_shardings=sharding)
+    matmul(a, b).block_until_ready()  # compile and warm up outside the timing
+    reps, elapsed = 1, 0.0
+    while True:
+        start = time.perf_counter()
+        out = None
+        for _ in range(reps):
+            out = matmul(a, b)
+        out.block_until_ready()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds or reps >= 1 << 12:
+            break
+        reps *= 2
+    return 2.0 * n**3 * reps / elapsed
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl + TensorBoard
+
+
+def _scalar(value: Any) -> int | float | None:
+    """A JSON-safe number: ints stay ints; NaN/inf become null (JSON has no NaN)."""
+    if isinstance(value, bool):
+        return int(value)
+    if hasattr(value, "item"):  # numpy and jax scalars
+        value = value.item()
+    if isinstance(value, int):
+        return value
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of `DIR/metrics.jsonl`; a torn last line (a run killed mid-write) is skipped."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+class MetricsLogger:
+    """Appends metric rows to `DIR/metrics.jsonl` and TensorBoard scalars to `DIR/tb/`.
+
+    `log(step, {"loss": ..., "lr": ..., "grad_norm": ..., "tokens_per_sec": ..., "mfu": ...})`
+    writes one row; eval rows carry `eval_loss` and `eval_ppl`. Every row is flushed at once,
+    so a killed run leaves at most one torn line. With `enabled=False` (processes other than
+    0) nothing is created or written.
+
+    Resume: pass `resume_step=k` when the run restarts from a checkpoint at step k. Rows with
+    step > k, written by the killed run after that checkpoint, are dropped (the file is
+    rewritten atomically) so the resumed run does not log them twice; TensorBoard is told
+    to purge its events from step k+1 on. `resume_step=None` keeps every readable row.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(workdir) / METRICS_FILE
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self._trim(resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        from tensorboardX import SummaryWriter
+
+        purge = None if resume_step is None else resume_step + 1
+        self._tb = SummaryWriter(str(Path(workdir) / TB_DIR), purge_step=purge, flush_secs=30)
+
+    def _trim(self, resume_step: int | None) -> None:
+        if not self.path.exists():
+            return
+        text = self.path.read_text(encoding="utf-8")
+        rows = read_metrics(self.path.parent)
+        keep = [r for r in rows if resume_step is None or r["step"] <= resume_step]
+        clean = "".join(json.dumps(r) + "\n" for r in keep)
+        if clean == text:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(clean, encoding="utf-8")
+        os.replace(tmp, self.path)  # atomic: a kill here leaves the old or the new file whole
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Write one row `{"step": step, **metrics}`; returns the row as written."""
+        row: dict[str, Any] = {"step": int(step)}
+        row.update({k: _scalar(v) for k, v in metrics.items()})
+        if not self.enabled:
+            return row
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        for key, value in row.items():
+            if key != "step" and value is not None:
+                self._tb.add_scalar(key, value, int(step))
+        return row
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._tb.close()
+            self._file = self._tb = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def progress_bar(total: int, *, initial: int = 0, enabled: bool = True):
+    """A tqdm bar over training steps (disabled on processes other than 0).
+
+    The trainer updates it with `bar.update(n)` and `bar.set_postfix(loss=..., tok_s=...)`.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def plot_metrics(workdir: str | os.PathLike) -> Path:
+    """Draw train loss and eval loss against step into `DIR/loss.png`; returns its path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = read_metrics(workdir)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)  # the Agg canvas: no display, no global pyplot state
+    ax = fig.add_subplot()
+    for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    out = Path(workdir) / PLOT_FILE
+    fig.savefig(out)
+    return out
