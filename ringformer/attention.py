@@ -393,6 +393,12 @@ def attention_in_layout(q, k, v, *, mesh: Mesh | None, impl: str = "ring", causa
     s = q.shape[1]
     index = jnp.asarray(layouts.permutation(layout, s, n_sp), jnp.int32)
 
+    if impl == "ring" and layout == "zigzag" and n_sp > 1:
+        # A tile that straddles a device's two zigzag halves spans the whole sequence and can
+        # never be skipped; chunks within a half keep the causal skipping intact.
+        half = s // n_sp // 2
+        q_chunk, kv_chunk = (min(DEFAULT_CHUNK if c is None else c, half) for c in (q_chunk, kv_chunk))
+
     def local(q, k, v, seg, idx):
         if impl == "dense":
             return dense_attention(q, k, v, causal=causal, segment_ids=seg, token_index=idx)

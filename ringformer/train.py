@@ -9,6 +9,7 @@ deterministic given those.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import signal
@@ -20,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from tqdm import tqdm
 
 from ringformer import checkpoint as ckpt_lib
 from ringformer import data as data_lib
@@ -87,16 +87,24 @@ def make_train_step(model_cfg: model.ModelConfig, tx: optax.GradientTransformati
     return train_step
 
 
+def state_shardings(model_cfg: model.ModelConfig, tx, mesh, abstract_params) -> TrainState:
+    """Shardings of the whole train state: parameters from the rules table, optimizer moments
+    like the parameter they belong to, scalars (step, counts) replicated."""
+    params = sharding.param_shardings(abstract_params, model.param_logical_axes(model_cfg), mesh)
+    rep = sharding.replicated(mesh)
+    opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params),
+                                params, transform_non_params=lambda _: rep)
+    return TrainState(rep, params, opt)
+
+
 def init_state(model_cfg: model.ModelConfig, tx, mesh, seed: int) -> TrainState:
-    """Parameters are born sharded: shapes from eval_shape, shardings from the rules table."""
+    """The state is born sharded: shapes from eval_shape, shardings from the rules table."""
     rng = jax.random.PRNGKey(seed)
     init = functools.partial(model.init_params, model_cfg)
-    abstract = jax.eval_shape(init, rng)
-    shardings = sharding.param_shardings(abstract, model.param_logical_axes(model_cfg), mesh)
-    params = jax.jit(init, out_shardings=shardings)(rng)
-    # The optimizer moments inherit each parameter's sharding through propagation.
-    opt_state = jax.jit(tx.init)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
+    shardings = state_shardings(model_cfg, tx, mesh, jax.eval_shape(init, rng))
+    params = jax.jit(init, out_shardings=shardings.params)(rng)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     return TrainState(step, params, opt_state)
 
 
@@ -144,7 +152,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """Train `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
     mesh_sizes = validate(config, jax.device_count())
     workdir = prepare_workdir(workdir)
-    with WorkdirLock(workdir), _StopSignal() as stop:
+    # One lock per run: process 0 holds it for all of them (they share the workdir).
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock, _StopSignal() as stop:
         return _train(config, workdir, mesh_sizes, stop)
 
 
@@ -169,9 +179,10 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
     state = init_state(model_cfg, tx, mesh, cfg_t.seed)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg_t.keep_checkpoints)
     start = 0
-    if checkpointer.latest_valid_step() is not None:
-        state, data_state, saved_config = checkpointer.restore(None, _abstract(state))
-        _check_compatible(saved_config, config)
+    latest = checkpointer.latest_valid_step()
+    if latest is not None:
+        _check_compatible(checkpointer.read_json(latest)[1], config)
+        state, data_state, _ = checkpointer.restore(latest, _abstract(state))
         train_iter.restore(data_state)
         start = int(state.step)
     elif lead:
@@ -186,20 +197,19 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
     eval_step = evaluate.make_eval_step(model_cfg, mesh)
 
-    logger = metrics.MetricsLogger(workdir, enabled=lead)
-    logger.truncate_after(start)
+    logger = metrics.MetricsLogger(workdir, enabled=lead, resume_step=start)
     peak = cfg_t.peak_flops or metrics.measure_peak_flops()
     tokens_per_step = cfg_d.global_batch_size * cfg_d.seq_len
-    flops_per_token = metrics.flops_per_token(model_cfg, cfg_d.seq_len)
+    flops_per_token = metrics.flops_per_token(config.model, cfg_d.seq_len)
 
-    def save(step: int, *, force: bool = False) -> None:
+    def save(step: int) -> None:
         checkpointer.save(step, state, data_state=train_iter.state(),
-                          config_json=_config_json(config), force=force)
+                          config_json=_config_json(config))
 
     last: dict[str, Any] = {"step": start}
     window: list[dict] = []
     skipped = 0
-    bar = tqdm(total=cfg_t.steps, initial=start, disable=not lead, desc="train", unit="step")
+    bar = metrics.progress_bar(cfg_t.steps, initial=start, enabled=lead)
     t_window = time.perf_counter()
     step = start
     try:
@@ -223,8 +233,7 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
                 elapsed = time.perf_counter() - t_window
                 n_steps = max(len(window), 1)
                 tps = tokens_per_step * n_steps / max(elapsed, 1e-9)
-                row = {"step": step,
-                       "loss": float(sum(w["loss"] for w in window) / n_steps) if window else None,
+                row = {"loss": float(sum(w["loss"] for w in window) / n_steps) if window else None,
                        "lr": float(schedule(step - 1)),
                        "grad_norm": float(sum(w["grad_norm"] for w in window) / n_steps)
                        if window else None,
@@ -232,22 +241,21 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
                        "mfu": metrics.mfu(tps, flops_per_token, jax.device_count(), peak)}
                 if cfg_t.skip_nonfinite:
                     row["skipped_steps"] = skipped
-                logger.log(row)
+                row = logger.log(step, row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}" if window else "nan",
                                 tok_s=f"{tps:,.0f}")
                 last.update(row)
                 window, t_window = [], time.perf_counter()
             if eval_set and (step % cfg_t.eval_every == 0 or step == cfg_t.steps):
                 ev = evaluate.eval_loss(eval_step, state.params, eval_set)
-                row = {"step": step, "eval_loss": ev["loss"], "eval_ppl": ev["ppl"]}
-                logger.log(row)
+                row = logger.log(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
                 last.update(row)
                 t_window = time.perf_counter()
             if step % cfg_t.save_every == 0:
                 save(step)
             bar.update(1)
         # The final step (or the step a stop signal arrived at) is always saved.
-        save(step, force=True)
+        save(step)
     finally:
         bar.close()
         checkpointer.wait()
@@ -258,3 +266,35 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
     last["step"] = step
     last["stopped_by_signal"] = stop.received is not None
     return last
+
+
+def restore_run(workdir: str | Path, mesh_cfg=None, *, step: int | None = None
+                ) -> tuple[ml_collections.ConfigDict, TrainState]:
+    """Load a run's config and train state from `workdir` (newest valid step, or `step`).
+
+    `mesh_cfg` (dp/fsdp/sp/tp, -1 fills) places the state on another mesh than the one it was
+    trained on, e.g. more sequence parallelism for long-context evaluation.
+    """
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=1 << 30)
+    try:
+        step = checkpointer.latest_valid_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {Path(workdir) / 'checkpoints'}",
+                                  "train first, or point --workdir at a run that saved one")
+        config = ml_collections.ConfigDict(checkpointer.read_json(step)[1])
+        if mesh_cfg is not None:
+            config.mesh.update(dict(mesh_cfg))
+        mesh = make_mesh(config.mesh)
+        model_cfg = model.ModelConfig.from_config(config)
+        tx = optim.make_optimizer(config.optim, config.train.steps)
+        abstract = jax.eval_shape(functools.partial(model.init_params, model_cfg),
+                                  jax.random.PRNGKey(0))
+        shardings = state_shardings(model_cfg, tx, mesh, abstract)
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract,
+                       jax.eval_shape(tx.init, abstract)), shardings)
+        state, _, _ = checkpointer.restore(step, target)
+    finally:
+        checkpointer.close()
+    return config, state

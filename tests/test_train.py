@@ -1,0 +1,202 @@
+"""The trainer end to end: outputs, metrics, and bitwise-exact resume after stops and kills."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ringformer.config import validate
+from ringformer.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.py")
+
+
+def write_corpus(path: Path, n_docs: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    words = ["ring", "attention", "block", "device", "token", "the", "a", "of", "key", "value",
+             "query", "softmax", "sum", "max", "scan", "shard", "mesh", "layer", "norm", "rope"]
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            n = int(rng.integers(20, 200))
+            f.write(json.dumps({"text": " ".join(rng.choice(words, n))}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    return write_corpus(d / "train.jsonl", 60, 0), write_corpus(d / "eval.jsonl", 8, 1)
+
+
+def train_cmd(workdir, corpus, *extra):
+    train, evals = corpus
+    return [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", SMOKE,
+            "--workdir", str(workdir), f"--config.data.train_files={train}",
+            f"--config.data.eval_files={evals}", *extra]
+
+
+def run_train(workdir, corpus, *extra, check=True):
+    proc = subprocess.run(train_cmd(workdir, corpus, *extra), capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def rows(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir):
+    from ringformer.train import restore_run
+
+    _, state = restore_run(workdir)
+    import jax
+    return int(state.step), [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    run_train(workdir, corpus)
+    return workdir
+
+
+def assert_same_run(a, b):
+    step_a, params_a = final_params(a)
+    step_b, params_b = final_params(b)
+    assert step_a == step_b == 6
+    for x, y in zip(params_a, params_b, strict=True):
+        np.testing.assert_array_equal(x, y)  # bitwise
+    losses = lambda w: {r["step"]: r["loss"] for r in rows(w) if "loss" in r}
+    assert losses(a) == losses(b)
+    evals = lambda w: {r["step"]: r["eval_loss"] for r in rows(w) if "eval_loss" in r}
+    assert evals(a) == evals(b)
+
+
+def test_run_writes_every_output(straight):
+    for name in ("config.json", "metrics.jsonl", "loss.png"):
+        assert (straight / name).is_file(), name
+    assert any((straight / "tb").iterdir())
+    steps = sorted(int(p.name) for p in (straight / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2, 4, 6]  # keep_checkpoints=3 keeps all three
+    saved = json.loads((straight / "config.json").read_text())
+    assert saved["model"]["dim"] == 32 and saved["mesh"]["sp"] == 4
+
+
+def test_metrics_rows_are_complete_and_finite(straight):
+    train_rows = [r for r in rows(straight) if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    for r in train_rows:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "mfu"):
+            assert np.isfinite(r[key]), (key, r)
+    eval_rows = [r for r in rows(straight) if "eval_loss" in r]
+    assert [r["step"] for r in eval_rows] == [3, 6]
+    for r in eval_rows:
+        assert np.isclose(r["eval_ppl"], np.exp(r["eval_loss"]))
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+
+
+def wait_for(predicate, proc, timeout=300):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else "exited"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def logged_step(workdir):
+    try:
+        return max((r["step"] for r in rows(workdir) if "loss" in r), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def test_sigterm_saves_the_current_step_and_resume_is_bitwise(straight, corpus, tmp_path):
+    proc = subprocess.Popen(train_cmd(tmp_path, corpus, "--config.train.save_every=100"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: logged_step(tmp_path) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    stopped = logged_step(tmp_path)
+    assert stopped < 6
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [stopped]  # save_every=100: only the signal's own checkpoint exists
+    run_train(tmp_path, corpus, "--config.train.save_every=100")
+    assert_same_run(straight, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["before_any_checkpoint", "during_checkpoint_write",
+                                    "after_checkpoint"])
+def test_sigkill_then_resume_is_bitwise(straight, corpus, tmp_path, moment):
+    proc = subprocess.Popen(train_cmd(tmp_path, corpus), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ckpts = tmp_path / "checkpoints"
+    if moment == "before_any_checkpoint":
+        wait_for(lambda: logged_step(tmp_path) >= 1, proc)
+    elif moment == "during_checkpoint_write":
+        # Orbax writes into a temporary directory and renames it when done.
+        wait_for(lambda: ckpts.is_dir() and any("tmp" in p.name for p in ckpts.iterdir()), proc)
+    else:
+        wait_for(lambda: (ckpts / "2" / "COMMITTED").exists(), proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run_train(tmp_path, corpus)
+    assert_same_run(straight, tmp_path)
+
+
+def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
+    """Accumulating 2 microbatches gives the losses of the whole batch in one pass."""
+    common = ("--config.train.steps=2", "--config.train.eval_every=100", "--config.mesh.fsdp=1",
+              "--config.mesh.dp=2", "--config.data.global_batch_size=4")
+    run_train(tmp_path / "whole", corpus, *common)
+    run_train(tmp_path / "accum", corpus, *common, "--config.optim.grad_accum_steps=2")
+    whole = [r["loss"] for r in rows(tmp_path / "whole") if "loss" in r]
+    accum = [r["loss"] for r in rows(tmp_path / "accum") if "loss" in r]
+    assert len(whole) == 2
+    np.testing.assert_allclose(accum, whole, rtol=2e-5)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def smoke_config():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("smoke", SMOKE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.steps", 0, "train.steps=0 must be positive"),
+    ("optim.lr", -1.0, "optim.lr=-1.0 must be positive"),
+    ("mesh.sp", 3, "= 6 devices, but 8 are available"),
+    ("data.seq_len", 102, "data.seq_len=102 is not divisible by mesh.sp=4"),
+    ("model.n_kv_heads", 3, "model.n_heads=2 is not divisible by model.n_kv_heads=3"),
+    ("attention.q_chunk", 12, "attention.q_chunk=12 does not divide"),
+    ("attention.impl", "flash", "attention.impl='flash' is not one of"),
+    ("data.global_batch_size", 3, "data.global_batch_size=3 is not divisible by dp*fsdp=2"),
+])
+def test_validation_names_the_problem(key, value, message):
+    config = smoke_config()
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(config, 8)
+
+
+def test_tp_must_divide_heads():
+    config = smoke_config()
+    config.mesh.update(fsdp=1, sp=4, tp=2)
+    with pytest.raises(ConfigError, match=re.escape("not divisible by mesh.tp=2")):
+        validate(config, 8)
