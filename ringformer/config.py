@@ -58,9 +58,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.rope_theta = 10000.0
     c.model.rope_scaling = "none"
     c.model.rope_scaling_factor = 1.0
+    # llama3 scaling only (transformers' names: low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); Llama 3.1's values.
+    c.model.rope_low_freq_factor = 1.0
+    c.model.rope_high_freq_factor = 4.0
+    c.model.rope_original_max_position = 8192
     c.model.max_position = 0  # 0: no limit checked; otherwise the context the model was built for
     c.model.norm_eps = 1e-5
     c.model.tie_embeddings = False
+    c.model.init_std = 0.02
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat = "full"

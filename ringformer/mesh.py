@@ -24,7 +24,10 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     shape = tuple(sizes[a] for a in AXES)
     try:
         # Lets XLA put sp/tp neighbours on the fastest links of a real accelerator topology.
-        grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+        # (Imported here: `jax.experimental.mesh_utils` is not loaded by `import jax`.)
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # virtual CPU devices or an irregular slice: plain order is fine there
         grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(grid, AXES)

@@ -1,0 +1,267 @@
+"""Hugging Face LLaMA checkpoints <-> ringformer parameters, with numpy and safetensors only.
+
+A local HF directory holds `config.json` and either `model.safetensors` or shards listed in
+`model.safetensors.index.json`. HF stores `nn.Linear` weights as [out, in]; ringformer keeps
+[in, out] with heads split out (wq [d, h, k], wo [h, k, d]), stacked over layers.
+
+Rotary layout: Meta's original checkpoints rotate interleaved pairs (x0, x1), (x2, x3), ...;
+transformers' conversion script permutes the rows of q_proj/k_proj once so that the
+rotate-half form (x[:k/2], x[k/2:]) applies. HF directories are therefore already in
+rotate-half order, which is what `model.apply_rope` uses, so q/k rows map over unchanged; a
+second permutation here would silently break every position but 0. `save_llama` keeps the
+same order, so an exported directory loads in transformers as is. `interleaved_to_half`
+converts a Meta-native q/k weight if one ever needs importing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ringformer.errors import CheckpointError, ConfigError
+from ringformer.model import ModelConfig, param_shapes
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
+    """ModelConfig from a parsed HF `config.json` (transformers 4.x or 5.x spelling).
+
+    `overrides` set ModelConfig fields the HF file does not describe (dtype, remat, chunks,
+    attention impl, ...). Raises ConfigError for architectures this model cannot reproduce.
+    """
+    if hf.get("model_type", "llama") != "llama":
+        raise ConfigError(f"model_type={hf.get('model_type')!r} is not a LLaMA checkpoint",
+                          "convert a model_type='llama' directory")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"hidden_act={act!r} is not supported", "only SwiGLU (silu) LLaMA")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise ConfigError(f"{flag}=true is not supported", "use a LLaMA without biases")
+    dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim") or dim // heads
+    if head_dim * heads != dim:
+        raise ConfigError(f"head_dim={head_dim} x num_attention_heads={heads} != "
+                          f"hidden_size={dim}", "only head_dim = hidden_size / heads is supported")
+
+    # transformers 5 nests rope under rope_parameters; 4.x has rope_theta + rope_scaling.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+    max_pos = int(hf.get("max_position_embeddings", 0) or 0)
+    kw: dict[str, Any] = dict(
+        vocab_size=int(hf["vocab_size"]), dim=dim, n_layers=int(hf["num_hidden_layers"]),
+        n_heads=heads, n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        ffn_dim=int(hf["intermediate_size"]), rope_theta=theta, max_position=max_pos,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    if kind == "default":
+        kw["rope_scaling"] = "none"
+    elif kind == "linear":
+        kw.update(rope_scaling="linear", rope_scaling_factor=float(rope["factor"]))
+    elif kind == "llama3":
+        kw.update(rope_scaling="llama3", rope_scaling_factor=float(rope["factor"]),
+                  rope_low_freq_factor=float(rope["low_freq_factor"]),
+                  rope_high_freq_factor=float(rope["high_freq_factor"]),
+                  rope_original_max_position=int(rope.get("original_max_position_embeddings",
+                                                          max_pos)))
+    else:
+        raise ConfigError(f"rope type {kind!r} is not supported",
+                          "use a checkpoint with default, linear or llama3 rope scaling")
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The `config.json` transformers needs to rebuild `cfg`'s architecture."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "linear":
+        rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
+    elif cfg.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor,
+                    low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_position)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position or 2048, "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope, "attention_bias": False, "mlp_bias": False,
+        "dtype": cfg.param_dtype, "initializer_range": cfg.init_std,
+    }
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def interleaved_to_half(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Permute a Meta-native q/k weight [heads*k, d] (interleaved rotary pairs) into HF's
+    rotate-half row order; what transformers' convert_llama_weights_to_hf does."""
+    out_dim, d = w.shape
+    k = out_dim // n_heads
+    return w.reshape(n_heads, k // 2, 2, d).transpose(0, 2, 1, 3).reshape(out_dim, d)
+
+
+def _tensor_files(hf_dir: str) -> dict[str, str]:
+    """Tensor name -> safetensors file path, for a single file or an index of shards."""
+    index = os.path.join(hf_dir, INDEX)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        return {name: os.path.join(hf_dir, fname) for name, fname in weight_map.items()}
+    single = os.path.join(hf_dir, SINGLE)
+    if not os.path.exists(single):
+        raise CheckpointError(f"{hf_dir} has neither {SINGLE} nor {INDEX}",
+                              "point at a Hugging Face LLaMA directory saved with safetensors")
+    with safe_open(single, framework="numpy") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+class _Reader:
+    """Reads tensors on demand, keeping each shard file open once."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+        self.handles: dict[str, Any] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self.files:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint",
+                                  "check that the directory holds a complete LlamaForCausalLM")
+        path = self.files[name]
+        if path not in self.handles:
+            if not os.path.exists(path):
+                raise CheckpointError(f"shard {path} listed in {INDEX} does not exist",
+                                      "copy every shard of the checkpoint")
+            self.handles[path] = safe_open(path, framework="numpy")
+        x = self.handles[path].get_tensor(name)
+        if tuple(x.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(x.shape)}, config.json "
+                                  f"implies {tuple(shape)}", "check config.json against weights")
+        return x
+
+
+def _mapping(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
+    """ringformer leaf -> (HF name pattern, hf->ours, ours->hf) per layer (pattern has {i})."""
+    d, h, g, k = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    ident = lambda w: w
+    return {
+        "wq": ("model.layers.{i}.self_attn.q_proj.weight",
+               lambda w: w.T.reshape(d, h, k), lambda w: w.reshape(d, h * k).T),
+        "wk": ("model.layers.{i}.self_attn.k_proj.weight",
+               lambda w: w.T.reshape(d, g, k), lambda w: w.reshape(d, g * k).T),
+        "wv": ("model.layers.{i}.self_attn.v_proj.weight",
+               lambda w: w.T.reshape(d, g, k), lambda w: w.reshape(d, g * k).T),
+        "wo": ("model.layers.{i}.self_attn.o_proj.weight",
+               lambda w: w.T.reshape(h, k, d), lambda w: w.reshape(h * k, d).T),
+        "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", np.transpose, np.transpose),
+        "w_up": ("model.layers.{i}.mlp.up_proj.weight", np.transpose, np.transpose),
+        "w_down": ("model.layers.{i}.mlp.down_proj.weight", np.transpose, np.transpose),
+        "attn_norm": ("model.layers.{i}.input_layernorm.weight", ident, ident),
+        "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", ident, ident),
+    }
+
+
+def _hf_shape(ours: tuple[int, ...], to_hf: Callable) -> tuple[int, ...]:
+    return tuple(to_hf(np.empty(ours, np.int8)).shape)
+
+
+def load_llama(hf_dir: str, **overrides: Any) -> tuple[ModelConfig, dict]:
+    """Read a local HF LLaMA directory into (ModelConfig, params) as host numpy arrays.
+
+    Params come back in `param_dtype` (fp32 by default) with ringformer's tree structure;
+    place them with `jax.device_put(params, sharding.param_shardings(...))`. `overrides` set
+    the ModelConfig fields HF does not describe (dtype, remat, attention impl, chunks, ...).
+    """
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist",
+                              "point at a Hugging Face LLaMA directory (config.json + safetensors)")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}", "check the file is valid JSON") from e
+    try:
+        cfg = config_from_hf(hf, **overrides)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path} lacks or mangles a LLaMA field ({e})",
+                          "use a config.json written by transformers") from e
+    dtype = _NP_DTYPES[cfg.param_dtype]
+    reader = _Reader(_tensor_files(hf_dir))
+    shapes = param_shapes(cfg)
+
+    def read(name: str, shape: tuple[int, ...], to_ours: Callable, to_hf: Callable):
+        return np.ascontiguousarray(to_ours(reader.get(name, _hf_shape(shape, to_hf)))).astype(
+            dtype)
+
+    layers = {}
+    for leaf, (pattern, to_ours, to_hf) in _mapping(cfg).items():
+        shape = shapes["layers"][leaf][1:]
+        layers[leaf] = np.stack([read(pattern.format(i=i), shape, to_ours, to_hf)
+                                 for i in range(cfg.n_layers)])
+    ident = lambda w: w
+    params = {
+        "embed": read("model.embed_tokens.weight", shapes["embed"], ident, ident),
+        "layers": layers,
+        "final_norm": read("model.norm.weight", shapes["final_norm"], ident, ident),
+    }
+    if not cfg.tie_embeddings:
+        if not reader.has("lm_head.weight"):
+            raise CheckpointError("lm_head.weight is missing but tie_word_embeddings is false",
+                                  "set tie_word_embeddings=true in config.json if it is tied")
+        params["lm_head"] = read("lm_head.weight", shapes["lm_head"], np.transpose, np.transpose)
+    return cfg, params
+
+
+def save_llama(cfg: ModelConfig, params: dict, out_dir: str) -> None:
+    """Write config.json + model.safetensors that `LlamaForCausalLM.from_pretrained` loads.
+
+    Tensors are written in `param_dtype`. Params may be sharded jax arrays; they are gathered
+    to this host one at a time (single-process runs; multi-host export should gather first).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    dtype = _NP_DTYPES[cfg.param_dtype]
+    host = lambda x: np.asarray(jax.device_get(x)).astype(dtype)
+    tensors: dict[str, np.ndarray] = {
+        "model.embed_tokens.weight": host(params["embed"]),
+        "model.norm.weight": host(params["final_norm"]),
+    }
+    for leaf, (pattern, _, to_hf) in _mapping(cfg).items():
+        stacked = host(params["layers"][leaf])
+        for i in range(cfg.n_layers):
+            tensors[pattern.format(i=i)] = to_hf(stacked[i])
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = host(params["lm_head"]).T
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    # Write to temporary names first so a crash never leaves a half-written directory behind.
+    tmp_weights = os.path.join(out_dir, SINGLE + ".tmp")
+    save_file(tensors, tmp_weights, metadata={"format": "pt"})
+    tmp_cfg = os.path.join(out_dir, "config.json.tmp")
+    with open(tmp_cfg, "w") as f:
+        json.dump(config_to_hf(cfg), f, indent=2)
+    os.replace(tmp_weights, os.path.join(out_dir, SINGLE))
+    os.replace(tmp_cfg, os.path.join(out_dir, "config.json"))
+

@@ -1,0 +1,416 @@
+"""LLaMA decoder as pure functions over a nested dict of parameters.
+
+Why not Linen or NNX modules: everything the rest of the stack needs from a model is a pytree
+and a function. The trainer builds parameters born sharded with
+`jax.jit(init_params, out_shardings=param_shardings(eval_shape(...), param_logical_axes(cfg)))`,
+which needs a plain params tree and a *matching* tree of logical axis names; Hugging Face
+import/export is a name-by-name mapping onto that same dict; and layers stacked on a leading
+"layers" axis run under a plain `lax.scan` with `jax.checkpoint(policy=...)`. Modules would
+add `nn.scan`/`nn.remat` lifting, variable collections and metadata boxes to get exactly the
+same thing, so flax is not needed here at all.
+
+Shapes (b batch, s sequence, d dim, h heads, g kv_heads, k head_dim, f ffn_dim, v vocab):
+  embed [v, d]; layers.{wq [L, d, h, k], wk/wv [L, d, g, k], wo [L, h, k, d],
+  w_gate/w_up [L, d, f], w_down [L, f, d], attn_norm/mlp_norm [L, d]}; final_norm [d];
+  lm_head [d, v] when embeddings are not tied.
+
+Sequences arrive in the sharding layout's order (the data path permutes them once), with
+explicit `positions`, so RoPE, packed documents and permuted layouts are all exact. Model code
+names axes logically ("batch", "length", "embed", ...); `ringformer.sharding` maps them to the
+mesh. Parameters stay in `param_dtype`; matmuls run in `dtype`; norms, RoPE angles and softmax
+statistics are fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
+
+from ringformer import layout as layouts
+from ringformer import loss as losses
+from ringformer import sharding
+from ringformer.attention import attention_in_layout
+from ringformer.config import DTYPES, IMPLS, LAYOUTS, REMAT_POLICIES, ROPE_SCALINGS
+from ringformer.errors import ConfigError
+
+F32 = jnp.float32
+ACT = ("batch", "length", "embed")
+
+_ATTENTION_FIELDS = {"attn_impl": "impl", "attn_layout": "layout", "q_chunk": "q_chunk",
+                     "kv_chunk": "kv_chunk"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model computes with; frozen so it can be a static jit argument."""
+
+    vocab_size: int = 259
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_dim: int = 704
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | linear | llama3
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_position: int = 8192  # llama3 only: the pre-training context
+    max_position: int = 0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat: str = "full"
+    mlp_chunk: int = 512
+    loss_chunk: int = 512
+    attn_impl: str = "ring"
+    attn_layout: str = "contiguous"
+    q_chunk: int = 256
+    kv_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, what: str, fix: str) -> None:
+            if not cond:
+                raise ConfigError(what, fix)
+
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                     "mlp_chunk", "loss_chunk", "q_chunk", "kv_chunk"):
+            need(getattr(self, name) > 0, f"model {name}={getattr(self, name)} must be positive",
+                 f"set {name} to 1 or more")
+        need(self.dim % self.n_heads == 0, f"dim={self.dim} is not divisible by "
+             f"n_heads={self.n_heads}", "choose n_heads that divides dim")
+        need(self.n_heads % self.n_kv_heads == 0, f"n_heads={self.n_heads} is not divisible by "
+             f"n_kv_heads={self.n_kv_heads}", "choose n_kv_heads that divides n_heads")
+        need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} is odd",
+             "rotary embeddings need an even head_dim")
+        for name, choices in (("rope_scaling", ROPE_SCALINGS), ("remat", REMAT_POLICIES),
+                              ("dtype", DTYPES), ("param_dtype", DTYPES),
+                              ("attn_impl", IMPLS), ("attn_layout", LAYOUTS)):
+            need(getattr(self, name) in choices, f"{name}={getattr(self, name)!r} is not one "
+                 f"of {', '.join(choices)}", "pick one of them")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_config(cls, config) -> ModelConfig:
+        """From the full ConfigDict: `config.model` plus `config.attention` (impl, layout, chunks).
+
+        Keys this class does not know are ignored; missing ones keep their defaults.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in dict(config.model).items() if k in names}
+        attn = dict(config.get("attention", {}))
+        kw.update({f: attn[k] for f, k in _ATTENTION_FIELDS.items() if k in attn})
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# A static pytree node: `jax.eval_shape(init_params, cfg, rng)` passes it through untraced.
+jax.tree_util.register_static(ModelConfig)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names per parameter, mirroring `init_params`' tree."""
+    axes = {
+        "embed": ("vocab", "embed"),
+        "layers": {
+            "attn_norm": ("layers", "norm"),
+            "wq": ("layers", "embed", "heads", "head_dim"),
+            "wk": ("layers", "embed", "kv_heads", "head_dim"),
+            "wv": ("layers", "embed", "kv_heads", "head_dim"),
+            "wo": ("layers", "heads", "head_dim", "embed"),
+            "mlp_norm": ("layers", "norm"),
+            "w_gate": ("layers", "embed", "mlp"),
+            "w_up": ("layers", "embed", "mlp"),
+            "w_down": ("layers", "mlp", "embed"),
+        },
+        "final_norm": ("norm",),
+    }
+    if not cfg.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    L, d, h, g, k, f, v = (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                           cfg.ffn_dim, cfg.vocab_size)
+    shapes = {
+        "embed": (v, d),
+        "layers": {
+            "attn_norm": (L, d), "wq": (L, d, h, k), "wk": (L, d, g, k), "wv": (L, d, g, k),
+            "wo": (L, h, k, d), "mlp_norm": (L, d), "w_gate": (L, d, f), "w_up": (L, d, f),
+            "w_down": (L, f, d),
+        },
+        "final_norm": (d,),
+    }
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (d, v)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+    """Random parameters in `param_dtype`: normal(init_std) matrices, unit norm weights.
+
+    Output projections (wo, w_down) are scaled by 1/sqrt(2 n_layers) so the residual stream's
+    variance does not grow with depth (GPT-2 style).
+    """
+    dtype = jnp.dtype(cfg.param_dtype)
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    keys = jax.random.split(rng, len(flat))
+    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    leaves = []
+    for path, shape, key in zip(paths, flat, keys, strict=True):
+        if "norm" in path:
+            leaves.append(jnp.ones(shape, dtype))
+        else:
+            std = out_std if ("'wo'" in path or "'w_down'" in path) else cfg.init_std
+            leaves.append((std * jax.random.normal(key, shape, F32)).astype(dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm in fp32 (the mean of squares of bf16 activations loses too much), cast back."""
+    x32 = x.astype(F32)
+    y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(F32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (float32), with transformers' linear/llama3 scaling."""
+    k = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float64) / k))
+    if cfg.rope_scaling == "linear":
+        inv = inv / cfg.rope_scaling_factor
+    elif cfg.rope_scaling == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate between.
+        factor = cfg.rope_scaling_factor
+        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old = cfg.rope_original_max_position
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions):
+    """cos, sin [b, s, head_dim] in fp32 for integer positions [b, s] (rotate-half layout)."""
+    angles = positions.astype(F32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x [b, s, heads, head_dim] by position; HF LLaMA's rotate-half convention."""
+    x32 = x.astype(F32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+def _use(w, names: tuple[str, ...], dtype, mesh: Mesh | None):
+    """A weight as a matmul operand: cast to the compute dtype and gathered over fsdp.
+
+    Parameters live with "embed" sharded over fsdp (ZeRO-3); saying explicitly that the
+    operand has it whole makes XLA all-gather the weight (and reduce-scatter its gradient)
+    instead of guessing a layout for the activations, which it does badly for gathers.
+    """
+    return sharding.constrain(w.astype(dtype), names, mesh)
+
+
+def _mlp(cfg: ModelConfig, mesh: Mesh | None, x, lp):
+    """SwiGLU over sequence chunks: live activations are [b, chunk, ffn], not [b, s, ffn]."""
+    dt = jnp.dtype(cfg.dtype)
+    wg = _use(lp["w_gate"], ("embed", "mlp"), dt, mesh)
+    wu = _use(lp["w_up"], ("embed", "mlp"), dt, mesh)
+    wd = _use(lp["w_down"], ("mlp", "embed"), dt, mesh)
+
+    def chunk_fn(carry, xc):
+        g = checkpoint_name(jnp.einsum("bcd,df->bcf", xc, wg), "mlp_gate")
+        u = checkpoint_name(jnp.einsum("bcd,df->bcf", xc, wu), "mlp_up")
+        a = sharding.constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"), mesh)
+        return carry, checkpoint_name(jnp.einsum("bcf,fd->bcd", a, wd), "mlp_down")
+
+    n = sharding.num_seq_chunks(x.shape[1], cfg.mlp_chunk, mesh)
+    if n == 1:
+        return chunk_fn(None, x)[1]
+    chunk_fn = jax.checkpoint(chunk_fn, prevent_cse=False,
+                              policy=jax.checkpoint_policies.nothing_saveable)
+    _, out = lax.scan(chunk_fn, None, sharding.split_seq_chunks(x, n))
+    return sharding.merge_seq_chunks(out)
+
+
+def _attention(cfg: ModelConfig, mesh: Mesh | None, x, lp, cos, sin, segment_ids):
+    dt = jnp.dtype(cfg.dtype)
+    q = jnp.einsum("bsd,dhk->bshk", x, _use(lp["wq"], ("embed", "heads", "head_dim"), dt, mesh))
+    k = jnp.einsum("bsd,dhk->bshk", x, _use(lp["wk"], ("embed", "kv_heads", "head_dim"), dt, mesh))
+    v = jnp.einsum("bsd,dhk->bshk", x, _use(lp["wv"], ("embed", "kv_heads", "head_dim"), dt, mesh))
+    q, k, v = (checkpoint_name(x, n) for x, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"), mesh)
+    k = sharding.constrain(k, ("batch", "length", "kv_heads", "head_dim"), mesh)
+    v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"), mesh)
+    # Without a mesh there is no ring to pass blocks around: ring is exactly blockwise there.
+    impl = "blockwise" if mesh is None and cfg.attn_impl == "ring" else cfg.attn_impl
+    o = attention_in_layout(q, k, v, mesh=mesh, impl=impl, causal=True,
+                            segment_ids=segment_ids, q_chunk=cfg.q_chunk,
+                            kv_chunk=cfg.kv_chunk, layout=cfg.attn_layout)
+    o = checkpoint_name(o, "attn_out")
+    out = jnp.einsum("bshk,hkd->bsd", o, _use(lp["wo"], ("heads", "head_dim", "embed"), dt, mesh))
+    return checkpoint_name(out, "o_proj")
+
+
+# Outputs of the layer's own matmuls, tagged with checkpoint_name. "dots" policies are built
+# from these names rather than JAX's dots_saveable, which would also save the per-tile score
+# matmuls inside blockwise/ring attention: the O(seq^2) memory the kernel exists to avoid.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down")
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy for a config name (None for "none": no rematerialisation).
+
+    full / nothing_saveable: keep only each layer's input, recompute the rest.
+    dots_saveable: also keep every projection output and the attention output, so the
+      backward recomputes only norms, RoPE and activations (most memory, least compute).
+    dots_with_no_batch_dims: keep the projections but recompute attention (its output
+      depends on the whole sequence; its recompute is the one expensive part left).
+    """
+    names = {
+        "full": None, "nothing_saveable": None,
+        "dots_saveable": (*PROJECTIONS, "attn_out"),
+        "dots_with_no_batch_dims": PROJECTIONS,
+    }
+    if name == "none":
+        return None
+    if names[name] is None:
+        return jax.checkpoint_policies.nothing_saveable
+    return jax.checkpoint_policies.save_only_these_names(*names[name])
+
+
+def _remat(fn, name: str):
+    policy = remat_policy(name)
+    if policy is None:
+        return fn
+    # prevent_cse=False is safe (and faster) because the function runs inside lax.scan.
+    return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def hidden_states(cfg: ModelConfig, params: dict, tokens, *, positions, segment_ids=None,
+                  mesh: Mesh | None = None):
+    """Final-normed hidden states [b, s, dim] in `dtype`.
+
+    tokens, positions, segment_ids: [b, s] in the attention layout's order (contiguous:
+    natural order). positions drive RoPE; segment_ids (or None) keep packed documents apart.
+    """
+    dt = jnp.dtype(cfg.dtype)
+    x = jnp.take(_use(params["embed"], ("vocab", "embed"), dt, mesh), tokens, axis=0)
+    x = sharding.constrain(x, ACT, mesh)
+    cos, sin = rope_tables(cfg, positions)
+    cos = sharding.constrain(cos, ("batch", "length", "head_dim"), mesh)
+    sin = sharding.constrain(sin, ("batch", "length", "head_dim"), mesh)
+
+    def layer(x, lp):
+        h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+        x = sharding.constrain(x + _attention(cfg, mesh, h, lp, cos, sin, segment_ids), ACT, mesh)
+        h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
+        x = sharding.constrain(x + _mlp(cfg, mesh, h, lp), ACT, mesh)
+        return x, None
+
+    x, _ = lax.scan(_remat(layer, cfg.remat), x, params["layers"])
+    return rms_norm(x, params["final_norm"], cfg.norm_eps)
+
+
+def lm_head(cfg: ModelConfig, params: dict):
+    """The output projection [dim, vocab]: the embedding's transpose when tied."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+def loss_fn(cfg: ModelConfig, params: dict, batch: Mapping[str, Any], *,
+            mesh: Mesh | None) -> tuple[jax.Array, jax.Array]:
+    """(summed next-token loss, number of counted tokens) for one batch in layout order.
+
+    batch: tokens, targets, segment_ids, positions, loss_mask, each [b, s]. Logits are never
+    materialised beyond one `loss_chunk` per device.
+    """
+    h = hidden_states(cfg, params, batch["tokens"], positions=batch["positions"],
+                      segment_ids=batch.get("segment_ids"), mesh=mesh)
+    return losses.chunked_cross_entropy(h, lm_head(cfg, params), batch["targets"],
+                                        batch["loss_mask"], chunk=cfg.loss_chunk, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def _logits(cfg: ModelConfig, params, tokens, positions, segment_ids, mesh):
+    h = hidden_states(cfg, params, tokens, positions=positions, segment_ids=segment_ids,
+                      mesh=mesh)
+    head = _use(lm_head(cfg, params), ("embed", "vocab"), h.dtype, mesh)
+    out = jnp.einsum("bsd,dv->bsv", h, head, preferred_element_type=F32)
+    return sharding.constrain(out, ("batch", "length", "vocab"), mesh)
+
+
+def logits(cfg: ModelConfig, params: dict, tokens, *, mesh: Mesh | None = None,
+           segment_ids=None, positions=None) -> jax.Array:
+    """fp32 logits [b, s, vocab] for tokens [b, s] in natural order. Small inputs only.
+
+    positions default to arange(s) per row. With a mesh, inputs are permuted into the
+    configured layout (and the result back), and params are placed by the sharding rules
+    (a no-op when they already are).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, s = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    positions = jnp.asarray(positions, jnp.int32)
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    n_sp = sharding.seq_shards(mesh)
+    lay = cfg.attn_layout if n_sp > 1 else "contiguous"
+    if lay != "contiguous":
+        tokens, positions = (layouts.permute(x, lay, n_sp) for x in (tokens, positions))
+        if segment_ids is not None:
+            segment_ids = layouts.permute(segment_ids, lay, n_sp)
+    run_cfg = dataclasses.replace(cfg, attn_layout=lay)
+    if mesh is not None:
+        shard = sharding.param_shardings(jax.eval_shape(lambda: params),
+                                         param_logical_axes(cfg), mesh)
+        params = jax.device_put(params, shard)
+        place = sharding.batch_sharding(mesh)
+        tokens, positions = jax.device_put(tokens, place), jax.device_put(positions, place)
+        if segment_ids is not None:
+            segment_ids = jax.device_put(segment_ids, place)
+    out = _logits(run_cfg, params, tokens, positions, segment_ids, mesh)
+    return layouts.unpermute(out, lay, n_sp) if lay != "contiguous" else out

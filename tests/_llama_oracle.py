@@ -1,0 +1,51 @@
+"""Test-only oracle: random transformers LlamaForCausalLM models built locally (torch CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+VOCAB, DIM, FFN, LAYERS = 101, 64, 96, 2
+
+# name -> (heads, kv_heads, rope_theta, tied, rope_parameters extra)
+VARIANTS = {
+    "mha": (4, 4, 10000.0, False, None),
+    "gqa_tied_linear": (4, 2, 500000.0, True, {"rope_type": "linear", "factor": 2.0}),
+    "gqa_llama3": (8, 2, 10000.0, False,
+                   {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "mha_tied_theta": (4, 4, 500000.0, True, None),
+}
+
+
+def build(variant: str, out_dir: str, seed: int = 0, **save_kw):
+    """Save a random HF LLaMA of `variant` to out_dir; return the torch model (eval, fp32)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads, kv, theta, tied, rope = VARIANTS[variant]
+    rope_parameters = {"rope_type": "default", **(rope or {}), "rope_theta": theta}
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN,
+                      num_hidden_layers=LAYERS, num_attention_heads=heads,
+                      num_key_value_heads=kv, rope_parameters=rope_parameters,
+                      tie_word_embeddings=tied, rms_norm_eps=1e-5, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms start at 1; randomise them so a swapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(out_dir, **save_kw)
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray, position_ids: np.ndarray | None = None) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        kw = {} if position_ids is None else {"position_ids": torch.as_tensor(position_ids)}
+        return model(torch.as_tensor(np.asarray(tokens, np.int64)), **kw).logits.float().numpy()
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
