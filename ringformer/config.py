@@ -31,6 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.seed = 0
     c.train.skip_nonfinite = False  # opt in: skip (and count) steps with a non-finite loss
+    c.train.init_from = ""  # a local HF LLaMA dir or a ringformer workdir to start from
     c.train.peak_flops = 0.0  # per device FLOP/s for MFU; 0 measures a matmul at start-up
 
     c.mesh = ml_collections.ConfigDict()

@@ -108,6 +108,36 @@ def init_state(model_cfg: model.ModelConfig, tx, mesh, seed: int) -> TrainState:
     return TrainState(step, params, opt_state)
 
 
+def _init_from(source: str, model_cfg: model.ModelConfig, state: TrainState, tx) -> TrainState:
+    """Start from another run's or a Hugging Face model's parameters, with a fresh optimizer.
+
+    Only the parameters are taken: a context-extension stage changes RoPE theta, context and
+    mesh, so everything else comes from this run's config.
+    """
+    path = Path(source)
+    if (path / "checkpoints").is_dir():
+        params = restore_run(path)[1].params
+    elif (path / "config.json").is_file():
+        from ringformer import hf
+        params = hf.load_llama(str(path))[1]
+    else:
+        raise CheckpointError(f"train.init_from={source!r} is neither a ringformer workdir nor a "
+                              "Hugging Face model directory",
+                              "point it at a workdir with checkpoints/ or a dir with config.json")
+    same_tree = jax.tree.structure(params) == jax.tree.structure(state.params)
+    if not same_tree or [tuple(p.shape) for p in jax.tree.leaves(params)] != [
+            x.shape for x in jax.tree.leaves(state.params)]:
+        raise CheckpointError(f"train.init_from={source!r} holds parameters of another shape "
+                              "than this config's model",
+                              "match model.dim/n_layers/n_heads/n_kv_heads/ffn_dim/vocab_size to it")
+    shardings = jax.tree.map(lambda x: x.sharding, state.params)
+    params = jax.tree.map(lambda x, p, s: jax.device_put(jnp.asarray(p, x.dtype), s),
+                          state.params, params, shardings)
+    opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda x: x.sharding,
+                                                            state.opt_state))(params)
+    return TrainState(state.step, params, opt_state)
+
+
 def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -185,8 +215,11 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
         state, data_state, _ = checkpointer.restore(latest, _abstract(state))
         train_iter.restore(data_state)
         start = int(state.step)
-    elif lead:
-        (workdir / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
+    else:
+        if cfg_t.init_from:
+            state = _init_from(cfg_t.init_from, model_cfg, state, tx)
+        if lead:
+            (workdir / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shardings = sharding.batch_sharding(mesh)

@@ -200,3 +200,26 @@ def test_tp_must_divide_heads():
     config.mesh.update(fsdp=1, sp=4, tp=2)
     with pytest.raises(ConfigError, match=re.escape("not divisible by mesh.tp=2")):
         validate(config, 8)
+
+
+def test_init_from_a_hugging_face_model(corpus, tmp_path):
+    """A run can start from a local HF LLaMA (the first rung of a context-extension ladder)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ringformer.hf import load_llama
+
+    hf_dir = tmp_path / "hf"
+    cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                      rms_norm_eps=1e-5, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(hf_dir)
+    run_train(tmp_path / "run", corpus, f"--config.train.init_from={hf_dir}",
+              "--config.train.steps=1", "--config.optim.lr=1e-12", "--config.optim.warmup_steps=0",
+              "--config.train.eval_every=100")
+    _, params = final_params(tmp_path / "run")
+    import jax
+    expected = jax.tree.leaves(load_llama(str(hf_dir))[1])
+    for got, want in zip(params, expected, strict=True):
+        np.testing.assert_allclose(got, np.asarray(want, np.float32), atol=1e-6)
