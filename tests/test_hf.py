@@ -151,3 +151,30 @@ def test_errors_are_user_errors(checkpoints, tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="safetensors"):
         hf.load_llama(str(tmp_path))
+
+
+def _convert(*args):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    return subprocess.run([sys.executable, os.path.join(root, "scripts", "convert_hf.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_convert_script_import_then_export(checkpoints, tokens, tmp_path):
+    """HF dir -> ringformer checkpoint (step 0) -> HF dir: transformers computes the same."""
+    from transformers import LlamaForCausalLM
+
+    hf_dir, ref_model = checkpoints["gqa_llama3"]
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    done = _convert("import", hf_dir, "--workdir", run)
+    assert done.returncode == 0, done.stderr
+    assert "--config.model.rope_scaling=llama3" in done.stdout  # how to fine-tune it
+    again = _convert("import", hf_dir, "--workdir", run)
+    assert again.returncode == 2 and again.stderr.startswith("error: ")
+    done = _convert("export", "--workdir", run, "--out", out)
+    assert done.returncode == 0, done.stderr
+    reloaded = LlamaForCausalLM.from_pretrained(out).eval()
+    assert rel_err(hf_logits(reloaded, tokens), hf_logits(ref_model, tokens)) < 1e-6
