@@ -2,8 +2,12 @@
 
 Model code names axes logically ("batch", "length", "embed", "heads", "kv_heads", "mlp",
 "vocab", "head_dim", "layers"); this module turns those names into PartitionSpecs for
-parameters and activations. Parameters shard their "embed" axis over fsdp (ZeRO-3 style);
-activations keep "embed" whole because their batch already uses the fsdp devices.
+parameters and activations. Parameters shard their "embed" axis over fsdp *and* sp (ZeRO-3
+style): every device of either axis needs the whole weight only while a layer runs, so both
+can hold a slice and all-gather it per layer. Sharding over sp too matters at long context,
+where the batch is a handful of sequences and fsdp cannot grow (the batch is split over
+dp x fsdp) but sp can. Activations keep "embed" whole: their batch and sequence already use
+those devices.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ BATCH_AXES = ("dp", "fsdp")
 PARAM_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
     "length": "sp",
-    "embed": "fsdp",
+    "embed": ("fsdp", "sp"),
     "heads": "tp",
     "kv_heads": "tp",
     "mlp": "tp",
@@ -47,12 +51,22 @@ def _axis_size(mesh: Mesh, entry) -> int:
     return size
 
 
+def _fit(entry, dim: int, mesh: Mesh):
+    """The longest prefix of `entry`'s mesh axes whose size divides `dim` (None if none)."""
+    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    while axes and dim % _axis_size(mesh, axes):
+        axes = axes[:-1]
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
 def fitted_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                 *, params: bool = True) -> PartitionSpec:
-    """The rules' spec, replicating any dimension the mesh axes do not divide (e.g. vocab 259)."""
+    """The rules' spec, dropping mesh axes a dimension does not divide (e.g. vocab 259 stays
+    whole; embed 96 on fsdp=2 x sp=4 splits over fsdp only)."""
     spec = logical_to_spec(names, params=params)
-    return PartitionSpec(*(e if dim % _axis_size(mesh, e) == 0 else None
-                           for e, dim in zip(spec, shape, strict=True)))
+    return PartitionSpec(*(_fit(e, dim, mesh) for e, dim in zip(spec, shape, strict=True)))
 
 
 def param_shardings(abstract_params, logical_names, mesh: Mesh):

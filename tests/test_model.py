@@ -146,16 +146,18 @@ def test_params_are_born_sharded():
     shardings = sharding.param_shardings(abstract, model.param_logical_axes(cfg), mesh)
     params = jax.jit(model.init_params, static_argnums=0, out_shardings=shardings)(cfg, rng)
     L, k = cfg.n_layers, cfg.head_dim
-    expected = {  # embed halves over fsdp; heads, kv_heads, mlp and vocab halve over tp
-        "embed": (64, 32), "lm_head": (32, 64), "final_norm": (64,),
-        "layers": {"wq": (L, 32, 2, k), "wk": (L, 32, 1, k), "wv": (L, 32, 1, k),
-                   "wo": (L, 2, k, 32), "w_gate": (L, 32, 48), "w_up": (L, 32, 48),
-                   "w_down": (L, 48, 32), "attn_norm": (L, 64), "mlp_norm": (L, 64)},
+    expected = {  # embed splits 4 ways (fsdp x sp); heads, kv_heads, mlp and vocab halve (tp)
+        "embed": (64, 16), "lm_head": (16, 64), "final_norm": (64,),
+        "layers": {"wq": (L, 16, 2, k), "wk": (L, 16, 1, k), "wv": (L, 16, 1, k),
+                   "wo": (L, 2, k, 16), "w_gate": (L, 16, 48), "w_up": (L, 16, 48),
+                   "w_down": (L, 48, 16), "attn_norm": (L, 64), "mlp_norm": (L, 64)},
     }
     shard_shapes = jax.tree.map(lambda x: x.addressable_shards[0].data.shape, params)
     assert shard_shapes == jax.tree.map(tuple, expected, is_leaf=lambda x: isinstance(x, tuple))
-    # fsdp x tp = 4 distinct pieces of a matrix, each held by the 2 sp devices
-    assert len({str(s.index) for s in params["layers"]["wq"].addressable_shards}) == 4
+    # fsdp x sp x tp = 8 distinct pieces of a matrix: no device holds a duplicate
+    assert len({str(s.index) for s in params["layers"]["wq"].addressable_shards}) == 8
+    # norms are tiny and stay whole on every device
+    assert len({str(s.index) for s in params["final_norm"].addressable_shards}) == 1
     # same values as an unsharded init: sharding changes placement only
     plain = model.init_params(cfg, rng)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, plain)

@@ -17,17 +17,20 @@ def mesh():
 
 def test_rules_table():
     assert sharding.logical_to_spec(("batch", "length", "embed")) == P(("dp", "fsdp"), "sp", None)
-    # Parameters shard "embed" over fsdp (ZeRO-3); activations keep it whole.
-    assert sharding.logical_to_spec(("embed", "mlp"), params=True) == P("fsdp", "tp")
+    # Parameters shard "embed" over fsdp and sp (ZeRO-3); activations keep it whole.
+    fsdp_sp = ("fsdp", "sp")
+    assert sharding.logical_to_spec(("embed", "mlp"), params=True) == P(fsdp_sp, "tp")
     assert sharding.logical_to_spec(("layers", "embed", "heads", "head_dim"), params=True) == P(
-        None, "fsdp", "tp", None)
-    assert sharding.logical_to_spec(("vocab", "embed"), params=True) == P("tp", "fsdp")
+        None, fsdp_sp, "tp", None)
+    assert sharding.logical_to_spec(("vocab", "embed"), params=True) == P("tp", fsdp_sp)
 
 
 def test_fitted_spec_replicates_what_does_not_divide(mesh):
     # vocab 259 (the byte tokenizer) does not split over tp=2: it stays whole, embed still splits
-    assert sharding.fitted_spec(("vocab", "embed"), (259, 64), mesh) == P(None, "fsdp")
-    assert sharding.fitted_spec(("vocab", "embed"), (256, 64), mesh) == P("tp", "fsdp")
+    assert sharding.fitted_spec(("vocab", "embed"), (259, 64), mesh) == P(None, ("fsdp", "sp"))
+    assert sharding.fitted_spec(("vocab", "embed"), (256, 64), mesh) == P("tp", ("fsdp", "sp"))
+    # 6 does not split 4 ways over fsdp x sp, but does over fsdp alone
+    assert sharding.fitted_spec(("vocab", "embed"), (256, 6), mesh) == P("tp", "fsdp")
 
 
 def test_param_shardings_follow_model_axes(mesh):
@@ -35,10 +38,11 @@ def test_param_shardings_follow_model_axes(mesh):
                             ffn_dim=96)
     abstract = jax.eval_shape(model.init_params, cfg, jax.random.key(0))
     sh = sharding.param_shardings(abstract, model.param_logical_axes(cfg), mesh)
-    assert sh["layers"]["wq"].spec == P(None, "fsdp", "tp", None)
-    assert sh["layers"]["w_down"].spec == P(None, "tp", "fsdp")
-    assert sh["embed"].spec == P(None, "fsdp")
-    assert sh["lm_head"].spec == P("fsdp", None)
+    fsdp_sp = ("fsdp", "sp")
+    assert sh["layers"]["wq"].spec == P(None, fsdp_sp, "tp", None)
+    assert sh["layers"]["w_down"].spec == P(None, "tp", fsdp_sp)
+    assert sh["embed"].spec == P(None, fsdp_sp)
+    assert sh["lm_head"].spec == P(fsdp_sp, None)
     assert sh["final_norm"].spec == P(None)
 
 
