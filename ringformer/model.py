@@ -241,9 +241,9 @@ def apply_rope(x, cos, sin):
 
 
 def _use(w, names: tuple[str, ...], dtype, mesh: Mesh | None):
-    """A weight as a matmul operand: cast to the compute dtype and gathered over fsdp.
+    """A weight as a matmul operand: cast to the compute dtype and gathered over fsdp and sp.
 
-    Parameters live with "embed" sharded over fsdp (ZeRO-3); saying explicitly that the
+    Parameters live with "embed" sharded over fsdp x sp (ZeRO-3); saying explicitly that the
     operand has it whole makes XLA all-gather the weight (and reduce-scatter its gradient)
     instead of guessing a layout for the activations, which it does badly for gathers.
     """
