@@ -7,7 +7,8 @@ The blockwise and ring paths share one kernel. A *sweep* visits the (query chunk
 tiles of one local query block against one key/value block; a *tile function* does the work of a
 tile: the forward one updates the online-softmax state (o, m, l), the backward one recomputes the
 probabilities from the saved log-sum-exp and produces dq, dk, dv. Both get their scores and mask
-from `_tile_scores` and skip a tile when `_tile_needed` says every entry is masked.
+from `_tile_scores`; `_tile_kind` lets them skip a tile whose entries are all masked and
+build no mask at all for a tile whose entries are all visible.
 
 Masks are driven by each token's natural position (`token_index`), not by its slot, so the same
 kernel is exact for any sequence layout (contiguous, striped, zigzag): the index block travels
@@ -78,9 +79,12 @@ def dense_attention(q, k, v, *, causal: bool = True, segment_ids=None, token_ind
 #   q: [nq, b, kv, g, cq, d]   k, v: [nk, b, kv, ck, d]   index: [n, c]   segments: [n, b, c]
 
 
-def _tile_scores(q_c, k_c, qi, ki, qs, ks, opts: _Options):
-    """Scaled fp32 scores [b, kv, g, cq, ck] of one tile and its boolean mask (broadcastable)."""
+def _tile_scores(q_c, k_c, qi, ki, qs, ks, opts: _Options, masked: bool):
+    """Scaled fp32 scores [b, kv, g, cq, ck] of one tile and its boolean mask (broadcastable),
+    or None when the caller knows every entry is visible."""
     s = jnp.einsum("bkgqd,bkcd->bkgqc", q_c, k_c, preferred_element_type=F32) * opts.scale
+    if not masked:
+        return s, None
     mask = jnp.ones((1, 1, 1, 1, 1), bool)
     if opts.causal:
         mask = mask & (qi[:, None] >= ki[None, :])
@@ -89,24 +93,32 @@ def _tile_scores(q_c, k_c, qi, ki, qs, ks, opts: _Options):
     return s, mask
 
 
-def _tile_needed(qi, ki, qs, ks, opts: _Options):
-    """False only when every entry of the tile is masked, so skipping it is exact."""
-    need = jnp.asarray(True)
+SKIP, FULL, MASKED = 0, 1, 2
+
+
+def _tile_kind(qi, ki, qs, ks, opts: _Options):
+    """SKIP when every entry of the tile is masked (exact to leave out), FULL when none is (the
+    mask need not be built: most tiles below the diagonal of one document), else MASKED."""
+    need, full = jnp.asarray(True), jnp.asarray(True)
     if opts.causal:
         need = need & (jnp.max(qi) >= jnp.min(ki))
+        full = full & (jnp.min(qi) >= jnp.max(ki))
     if qs is not None:
         # Segment ranges that do not overlap share no document, in any row of the batch.
-        overlap = (jnp.max(qs, -1) >= jnp.min(ks, -1)) & (jnp.min(qs, -1) <= jnp.max(ks, -1))
-        need = need & jnp.any(overlap)
-    return need
+        q_lo, q_hi, k_lo, k_hi = jnp.min(qs, -1), jnp.max(qs, -1), jnp.min(ks, -1), jnp.max(ks, -1)
+        need = need & jnp.any((q_hi >= k_lo) & (q_lo <= k_hi))
+        full = full & jnp.all((q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo))
+    return jnp.where(need, jnp.where(full, FULL, MASKED), SKIP)
 
 
 def _sweep(tile_fn, q_side, kv_side, q_acc, kv_acc, opts: _Options):
-    """Visit every (q chunk, kv chunk) tile, skipping fully masked ones.
+    """Visit every (q chunk, kv chunk) tile: skip the fully masked ones, build no mask for the
+    fully visible ones.
 
     q_side / kv_side: tuples whose leading axis is the chunk (index and segments last, in that
     order). q_acc (per q chunk) is threaded through the kv loop; kv_acc (per kv chunk) gathers
-    what each tile contributes to the key side. `tile_fn(q_in, kv_in, q_acc) -> (q_acc, kv_out)`.
+    what each tile contributes to the key side.
+    `tile_fn(q_in, kv_in, q_acc, masked) -> (q_acc, kv_out)`.
     """
 
     def per_q_chunk(kv_acc, q_in_and_acc):
@@ -117,10 +129,12 @@ def _sweep(tile_fn, q_side, kv_side, q_acc, kv_acc, opts: _Options):
             ki, ks = kv_in[-2], kv_in[-1]
 
             def skip(acc):
-                return acc, jax.tree.map(lambda t: jnp.zeros_like(t, F32), _kv_like(kv_acc, kv_in))
+                zeros = jax.tree.map(lambda t: jnp.zeros_like(t[0], F32), kv_acc)
+                return acc, zeros
 
-            return lax.cond(_tile_needed(qi, ki, qs, ks, opts),
-                            lambda a: tile_fn(q_in, kv_in, a), skip, acc)
+            return lax.switch(_tile_kind(qi, ki, qs, ks, opts),
+                              [skip, lambda a: tile_fn(q_in, kv_in, a, False),
+                               lambda a: tile_fn(q_in, kv_in, a, True)], acc)
 
         acc, kv_out = lax.scan(per_kv_chunk, acc, kv_side)
         kv_acc = jax.tree.map(jnp.add, kv_acc, kv_out)
@@ -130,20 +144,17 @@ def _sweep(tile_fn, q_side, kv_side, q_acc, kv_acc, opts: _Options):
     return q_acc, kv_acc
 
 
-def _kv_like(kv_acc, kv_in):
-    # A tile's key-side contribution has the shape of one chunk of the key-side accumulator.
-    return jax.tree.map(lambda t: t[0], kv_acc)
-
-
-def _fwd_tile(q_in, kv_in, acc, opts: _Options):
+def _fwd_tile(q_in, kv_in, acc, masked: bool, opts: _Options):
     q_c, qi, qs = q_in
     k_c, v_c, ki, ks = kv_in
     o, m, l = acc
-    s, mask = _tile_scores(q_c, k_c, qi, ki, qs, ks, opts)
-    s = jnp.where(mask, s, MASK)
+    s, mask = _tile_scores(q_c, k_c, qi, ki, qs, ks, opts, masked)
+    if masked:
+        s = jnp.where(mask, s, MASK)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    # Masked entries are zeroed explicitly so a row with nothing visible yet adds nothing.
-    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    p = jnp.exp(s - m_new[..., None])
+    if masked:  # zeroed explicitly so a row with nothing visible yet adds nothing
+        p = jnp.where(mask, p, 0.0)
     corr = jnp.exp(m - m_new)
     l = l * corr + jnp.sum(p, axis=-1)
     pv = jnp.einsum("bkgqc,bkcd->bkgqd", p.astype(v_c.dtype), v_c, preferred_element_type=F32)
@@ -151,11 +162,13 @@ def _fwd_tile(q_in, kv_in, acc, opts: _Options):
     return (o, m_new, l), ()
 
 
-def _bwd_tile(q_in, kv_in, dq, opts: _Options):
+def _bwd_tile(q_in, kv_in, dq, masked: bool, opts: _Options):
     q_c, do_c, lse_c, delta_c, qi, qs = q_in
     k_c, v_c, ki, ks = kv_in
-    s, mask = _tile_scores(q_c, k_c, qi, ki, qs, ks, opts)
-    p = jnp.where(mask, jnp.exp(s - lse_c[..., None]), 0.0)
+    s, mask = _tile_scores(q_c, k_c, qi, ki, qs, ks, opts, masked)
+    p = jnp.exp(s - lse_c[..., None])
+    if masked:
+        p = jnp.where(mask, p, 0.0)
     dv = jnp.einsum("bkgqc,bkgqd->bkcd", p.astype(do_c.dtype), do_c, preferred_element_type=F32)
     dp = jnp.einsum("bkgqd,bkcd->bkgqc", do_c, v_c, preferred_element_type=F32)
     ds = p * (dp - delta_c[..., None]) * opts.scale
@@ -236,6 +249,10 @@ def _ring_loop(step, carry, kv, opts: _Options):
 
 
 def _forward(q, k, v, seg, index, opts: _Options):
+    # The masks depend only on index and segments, which are the same in every layer. Without
+    # a barrier, differentiating a scan over layers hoists that mask work out of the loops and
+    # stores it for every tile: an O(seq^2) buffer. The barrier keeps it inside the tile.
+    q, seg, index = lax.optimization_barrier((q, seg, index))
     kv = k.shape[2]
     cq, ck = opts.q_chunk, opts.kv_chunk
     qc = _split_q(q, kv, cq)
@@ -259,6 +276,7 @@ def _forward(q, k, v, seg, index, opts: _Options):
 
 
 def _backward(q, k, v, seg, index, out, lse, dout, opts: _Options):
+    dout, seg, index = lax.optimization_barrier((dout, seg, index))  # see _forward
     kv = k.shape[2]
     cq, ck = opts.q_chunk, opts.kv_chunk
     qc, doc = _split_q(q, kv, cq), _split_q(dout, kv, cq)
@@ -402,7 +420,8 @@ def attention_in_layout(q, k, v, *, mesh: Mesh | None, impl: str = "ring", causa
     def local(q, k, v, seg, idx):
         if impl == "dense":
             return dense_attention(q, k, v, causal=causal, segment_ids=seg, token_index=idx)
-        return ring_attention(q, k, v, axis_name="sp" if impl == "ring" else None, causal=causal,
+        ring = impl == "ring" and mesh is not None  # no mesh: the ring of one is blockwise
+        return ring_attention(q, k, v, axis_name="sp" if ring else None, causal=causal,
                               segment_ids=seg, token_index=idx, q_chunk=q_chunk,
                               kv_chunk=kv_chunk)
 

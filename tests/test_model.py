@@ -186,11 +186,6 @@ def test_bf16_compute_fp32_params(llama, tokens):
     assert 0 < err < 5e-2, err
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "attention.py: under the layer scan's linearize, JAX hoists each tile's causal mask and "
-    "masked fill (they depend only on token indices/segment ids) out of the tile loops and "
-    "stacks them: O(seq^2) memory. Fix in attention.py: tie seg/index to q (forward) and "
-    "dout (backward) with lax.optimization_barrier; then this passes (128 MiB vs 10.6 GiB)."))
 def test_training_step_memory_far_below_full_logits():
     """loss + grad at 16K tokens compiles to far less than the [b, s, vocab] fp32 logits."""
     b, s = 1, 16384

@@ -1,0 +1,313 @@
+"""Measurements behind docs/BENCHMARKS.md: memory, attention speed, ring balance, train steps.
+
+Every function returns a JSON-ready dict with a `rows` list. Speed is reported as ratios taken
+in the same run (this code runs on shared, noisy machines); memory comes from XLA's compiled
+memory analysis, which is deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ringformer import layout as layouts
+from ringformer.attention import attention, tile_counts
+from ringformer.mesh import make_mesh
+
+
+def machine() -> dict:
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device_kind": dev.device_kind,
+            "n_devices": jax.device_count(), "cpu": platform.processor() or platform.machine()}
+
+
+def _mesh(sp: int = 1, **axes):
+    sizes = {"dp": 1, "fsdp": 1, "sp": sp, "tp": 1, **axes}
+    n = int(np.prod(list(sizes.values())))
+    return make_mesh(sizes, jax.devices()[:n])
+
+
+def time_fn(fn: Callable, *args, repeats: int = 3) -> float:
+    """Best wall time of `fn(*args)` after one compile-and-warm-up call."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_flops_per_sec(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
+    """This machine's dense matmul rate on one device, the yardstick for attention speed."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    return 2 * n**3 / time_fn(f, a, repeats=repeats)
+
+
+# ----------------------------------------------------------------------------- balance
+
+
+def balance(*, seq_len: int = 32768, sp: int = 8, chunk: int = 512) -> dict:
+    """Computed causal tiles per device per ring step for each layout.
+
+    A ring step lasts as long as its busiest device, so the cost of a layout is the sum over
+    steps of the per-step maximum; `max_over_mean` divides it by the sum of per-step means.
+    """
+    rows = []
+    for name in layouts.LAYOUTS:
+        c = min(chunk, seq_len // sp // 2) if name == "zigzag" else chunk
+        counts = tile_counts(name, seq_len, sp, c)
+        rows.append({"layout": name,
+                     "max_over_mean": round(float(counts.max(1).sum() / counts.mean(1).sum()), 4),
+                     "tiles_total": int(counts.sum()),
+                     "tiles_per_step": counts.tolist()})
+    return {"bench": "balance", "seq_len": seq_len, "sp": sp, "chunk": chunk, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> float:
+    """Useful FLOPs of causal attention forward + backward, each multiply-add counted once
+    as 2 FLOPs and the masked half not counted: forward 2 matmuls, backward 4 (no recompute)."""
+    full_matmul = 2.0 * batch * heads * seq * seq * head_dim
+    return 6 * full_matmul / 2
+
+
+def attention_speed(*, seq: int = 8192, sp: int = 8, heads: int = 8, kv_heads: int = 8,
+                    head_dim: int = 64, batch: int = 1, chunk: int = 512, layout: str = "zigzag",
+                    include_dense: bool = True, repeats: int = 2) -> dict:
+    """Forward+backward time of causal attention: ring over sp, blockwise and dense on one device."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), jnp.float32)
+
+    def fwd_bwd(impl, mesh, lay, c):
+        loss = lambda q, k, v: jnp.sum(attention(q, k, v, mesh=mesh, impl=impl, q_chunk=c,
+                                                  kv_chunk=c, layout=lay))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    peak = matmul_flops_per_sec()
+    flops = causal_attention_flops(batch, seq, heads, head_dim)
+    cases = [("ring", sp, layout, min(chunk, seq // sp)), ("ring", sp, "contiguous", min(chunk, seq // sp)),
+             ("blockwise", 1, "contiguous", chunk)]
+    if include_dense:
+        cases.append(("dense", 1, "contiguous", chunk))
+    rows = []
+    for impl, n, lay, c in cases:
+        mesh = _mesh(sp=n)
+        t = time_fn(fwd_bwd(impl, mesh, lay, c), q, k, v, repeats=repeats)
+        # Virtual CPU devices share this machine's cores, as one device's matmul does, so
+        # every row is compared with the same whole-machine matmul rate.
+        rows.append({"impl": impl, "sp": n, "layout": lay, "chunk": c, "seconds": round(t, 4),
+                     "tflops": round(flops / t / 1e12, 5),
+                     "fraction_of_matmul_peak": round(flops / t / peak, 4)})
+    base = next(r["seconds"] for r in rows if r["impl"] == "blockwise")
+    for r in rows:
+        r["time_vs_blockwise"] = round(r["seconds"] / base, 3)
+    return {"bench": "attention", "seq": seq, "heads": heads, "kv_heads": kv_heads,
+            "head_dim": head_dim, "batch": batch, "matmul_flops_per_sec": peak,
+            "attention_flops": flops, "rows": rows}
+
+
+# ----------------------------------------------------------------------------- HLO overlap
+
+
+def ring_hlo_report(*, seq: int = 4096, sp: int = 8, heads: int = 8, head_dim: int = 64) -> dict:
+    """Read the compiled HLO of ring attention's gradient: are the collective-permutes
+    asynchronous (start/done pairs) and is there compute scheduled between start and done?"""
+    mesh = _mesh(sp=sp)
+    s = jax.ShapeDtypeStruct((1, seq, heads, head_dim), jnp.float32)
+    loss = lambda q, k, v: jnp.sum(attention(q, k, v, mesh=mesh, q_chunk=512, kv_chunk=512))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(s, s, s).compile().as_text()
+    lines = text.splitlines()
+    starts = [i for i, ln in enumerate(lines) if "collective-permute-start" in ln and "=" in ln]
+    sync = sum(1 for ln in lines if " collective-permute(" in ln)
+    overlapped = 0
+    for i in starts:
+        name = lines[i].split("=")[0].strip().lstrip("%")
+        for j in range(i + 1, len(lines)):
+            if "collective-permute-done" in lines[j] and name in lines[j]:
+                between = lines[i + 1:j]
+                if any(op in ln for ln in between for op in ("fusion", "dot(", "while(", "call(")):
+                    overlapped += 1
+                break
+    return {"bench": "hlo", "platform": jax.devices()[0].platform,
+            "async_permute_pairs": len(starts), "sync_permutes": sync,
+            "pairs_with_compute_between": overlapped}
+
+
+# ----------------------------------------------------------------------------- model steps
+
+
+@functools.cache
+def _train_parts():
+    # Imported lazily: balance/attention benchmarks do not need the model stack.
+    from ringformer import model, optim, sharding, train
+    return model, optim, sharding, train
+
+
+def bench_model_config(shape: str = "small"):
+    """Model shapes for the step benchmarks: `tiny` is configs/tiny.py's model, `small` the
+    library default (4 layers, dim 256), `125m` a GPT-2-small-sized LLaMA."""
+    from ringformer.config import default_config
+
+    c = default_config()
+    c.model.dtype = "float32"
+    c.model.remat = "full"
+    if shape == "tiny":
+        c.model.update(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384)
+    elif shape == "125m":
+        c.model.update(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048,
+                       vocab_size=32000)
+    elif shape != "small":
+        raise ValueError(f"unknown model shape {shape!r}; use tiny, small or 125m")
+    return c
+
+
+def _step_parts(config, mesh_sizes: dict, seq: int, batch: int):
+    model, optim, sharding, train = _train_parts()
+    config = config.copy_and_resolve_references()
+    config.mesh.update(mesh_sizes)
+    config.data.seq_len, config.data.global_batch_size = seq, batch
+    mesh = _mesh(**mesh_sizes)
+    cfg = model.ModelConfig.from_config(config)
+    tx = optim.make_optimizer(config.optim, 100)
+    step = train.make_train_step(cfg, tx, mesh)
+    bsh = sharding.batch_sharding(mesh)
+    names = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+    dtypes = (jnp.int32,) * 4 + (jnp.float32,)
+    abstract_batch = {n: jax.ShapeDtypeStruct((batch, seq), d, sharding=bsh)
+                      for n, d in zip(names, dtypes, strict=True)}
+    return train, mesh, cfg, tx, step, abstract_batch
+
+
+def step_memory(config, mesh_sizes: dict, seq: int, batch: int = 1) -> int:
+    """Per-device bytes (arguments + temporaries) of one compiled training step."""
+    train, mesh, cfg, tx, step, abstract_batch = _step_parts(config, mesh_sizes, seq, batch)
+    state = jax.eval_shape(lambda: train.init_state(cfg, tx, mesh, 0))
+    shardings = train.state_shardings(cfg, tx, mesh, state.params)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, shardings)
+    compiled = jax.jit(step, donate_argnums=0).lower(state, abstract_batch).compile()
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.temp_size_in_bytes)
+
+
+def max_context(config, mesh_sizes: dict, *, budget: int, lo: int, hi: int, unit: int) -> int:
+    """Longest context (a multiple of `unit`) whose training step fits `budget` bytes per device."""
+    if step_memory(config, mesh_sizes, lo) > budget:
+        return 0
+    while step_memory(config, mesh_sizes, hi) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > unit:
+        mid = (lo + hi) // 2 // unit * unit
+        if step_memory(config, mesh_sizes, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def memory(*, budget_gib: float = 2.0, shape: str = "small", sps=(2, 4, 8)) -> dict:
+    """Max trainable context per device budget: dense and blockwise on one device, ring on n."""
+    budget = int(budget_gib * 2**30)
+    base = bench_model_config(shape)
+    rows = []
+    from tqdm import tqdm
+
+    cases = [("dense", 1), ("blockwise", 1), *(("ring", n) for n in sps)]
+    for impl, sp in tqdm(cases, desc="memory bisection", unit="config"):
+        c = base.copy_and_resolve_references()
+        c.attention.impl = impl
+        chunk = c.attention.q_chunk
+        unit = max(chunk, c.model.mlp_chunk, c.model.loss_chunk) * sp
+        ctx = max_context(c, {"sp": sp}, budget=budget, lo=unit, hi=unit * 8, unit=unit)
+        rows.append({"impl": impl, "sp": sp, "max_context": ctx})
+    single = next(r["max_context"] for r in rows if r["impl"] == "blockwise")
+    for r in rows:
+        r["vs_blockwise"] = round(r["max_context"] / single, 3) if single else None
+    return {"bench": "memory", "budget_bytes": budget, "model": shape, "rows": rows}
+
+
+def time_train_step(config, mesh_sizes: dict, seq: int, batch: int = 1, *,
+                    repeats: int = 3) -> float:
+    """Best seconds per training step on synthetic tokens (one document per row)."""
+    train, mesh, cfg, tx, step, abstract_batch = _step_parts(config, mesh_sizes, seq, batch)
+    state = train.init_state(cfg, tx, mesh, 0)
+    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq + 1))
+    host = {"tokens": tok[:, :-1], "targets": tok[:, 1:],
+            "segment_ids": np.ones((batch, seq)), "positions": np.tile(np.arange(seq), (batch, 1)),
+            "loss_mask": np.ones((batch, seq))}
+    data = {k: jax.device_put(np.asarray(v, abstract_batch[k].dtype), abstract_batch[k].sharding)
+            for k, v in host.items()}
+    fn = jax.jit(step, donate_argnums=0)
+    holder = [state]
+
+    def run():
+        holder[0], m = fn(holder[0], data)
+        return m["loss"]
+
+    return time_fn(run, repeats=repeats)
+
+
+def step_speed(*, shape: str = "tiny", seq: int = 8192, sp: int = 8, repeats: int = 3) -> dict:
+    """Training tokens/s and MFU for blockwise on one device vs the ring over `sp` devices,
+    at equal total tokens per step."""
+    from ringformer import metrics
+
+    peak = matmul_flops_per_sec()
+    rows = []
+    for impl, n in (("blockwise", 1), ("ring", sp)):
+        c = bench_model_config(shape)
+        c.attention.impl = impl
+        t = time_train_step(c, {"sp": n}, seq, repeats=repeats)
+        tps = seq / t
+        rows.append({"impl": impl, "sp": n, "seconds_per_step": round(t, 4),
+                     "tokens_per_sec": round(tps, 1),
+                     "mfu": round(metrics.mfu(tps, metrics.flops_per_token(c.model, seq), 1, peak), 4)})
+    rows[1]["ring_overhead"] = round(rows[1]["seconds_per_step"] / rows[0]["seconds_per_step"] - 1, 4)
+    return {"bench": "step", "model": shape, "seq": seq, "matmul_flops_per_sec": peak,
+            "mfu_note": "virtual CPU devices share the machine's cores: MFU is against the "
+                        "whole machine's measured fp32 matmul rate", "rows": rows}
+
+
+# Dense bf16 peaks per device kind (vendor datasheets), for MFU on accelerators.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
+             "TPU v5p": 459e12}
+
+
+def gpu_mfu(*, seq: int = 32768, repeats: int = 3, sp: int = 1) -> dict:
+    """MFU of the ~1B LLaMA in configs/llama_1b_32k.py at `seq` tokens in bf16 on GPU."""
+    import importlib.util
+    from pathlib import Path
+
+    from ringformer import metrics
+
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        from ringformer.errors import UserError
+        raise UserError(f"the gpu benchmark needs a GPU, this machine has {dev.platform}",
+                        "run it on a machine with an NVIDIA GPU")
+    path = Path(__file__).resolve().parents[1] / "configs" / "llama_1b_32k.py"
+    spec = importlib.util.spec_from_file_location("llama_1b_32k", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), c.train.peak_flops)
+    t = time_train_step(c, {"sp": sp}, seq, repeats=repeats)
+    tps = seq / t
+    n_params = metrics.matmul_params(c.model)
+    return {"bench": "gpu", "device_kind": dev.device_kind, "seq": seq, "sp": sp,
+            "params_matmul": n_params, "seconds_per_step": round(t, 4),
+            "tokens_per_sec": round(tps, 1), "peak_flops": peak,
+            "rows": [{"model": "llama_1b_32k", "seq": seq,
+                      "mfu": round(metrics.mfu(tps, metrics.flops_per_token(c.model, seq), sp, peak), 4)}]}

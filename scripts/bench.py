@@ -1,0 +1,58 @@
+"""Benchmarks behind docs/BENCHMARKS.md; `--json` prints one JSON object as the last line.
+
+    python scripts/bench.py memory [--budget_gib 2] [--shape small] --json
+    python scripts/bench.py attention [--seq 8192] [--sp 8] --json
+    python scripts/bench.py balance [--seq 32768] [--sp 8] --json
+    python scripts/bench.py step [--shape tiny] [--seq 8192] [--sp 8] --json
+    python scripts/bench.py hlo --json            # are the ring's permutes asynchronous?
+    python scripts/bench.py gpu [--seq 32768] --json   # on a machine with an NVIDIA GPU
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ringformer.cli import ensure_cpu_devices, run_main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("bench", choices=["memory", "attention", "balance", "step", "hlo", "gpu"])
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--seq", type=int, default=None, help="sequence length")
+    p.add_argument("--sp", type=int, default=8, help="ring size")
+    p.add_argument("--shape", default=None, help="model shape: tiny, small or 125m")
+    p.add_argument("--budget_gib", type=float, default=2.0, help="memory budget per device")
+    p.add_argument("--chunk", type=int, default=512, help="attention chunk")
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    ensure_cpu_devices(max(8, a.sp))
+
+    from ringformer import benchmark as b
+
+    kw = {"seq": a.seq} if a.seq else {}
+    if a.bench == "memory":
+        out = b.memory(budget_gib=a.budget_gib, shape=a.shape or "small")
+    elif a.bench == "attention":
+        out = b.attention_speed(sp=a.sp, chunk=a.chunk, repeats=a.repeats, **kw)
+    elif a.bench == "balance":
+        out = b.balance(sp=a.sp, chunk=a.chunk, **({"seq_len": a.seq} if a.seq else {}))
+    elif a.bench == "step":
+        out = b.step_speed(shape=a.shape or "tiny", sp=a.sp, repeats=a.repeats, **kw)
+    elif a.bench == "hlo":
+        out = b.ring_hlo_report(sp=a.sp, **kw)
+    else:
+        out = b.gpu_mfu(repeats=a.repeats, **kw)
+    out["machine"] = b.machine()
+    out["command"] = "python scripts/bench.py " + " ".join(sys.argv[1:])
+    if not a.json:
+        for row in out.get("rows", []):
+            print("  ".join(f"{k}={v}" for k, v in row.items() if k != "tiles_per_step"))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    run_main(main)

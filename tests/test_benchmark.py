@@ -1,0 +1,68 @@
+"""The benchmark suite's JSON schema, on sizes small enough for a test (no timing asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ringformer import benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args, "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_balance_json_schema_and_goal():
+    out = run_bench("balance", "--seq", "4096", "--sp", "8", "--chunk", "64")
+    assert out["bench"] == "balance" and out["machine"]["n_devices"] >= 8
+    ratio = {r["layout"]: r["max_over_mean"] for r in out["rows"]}
+    assert set(ratio) == {"contiguous", "striped", "zigzag"}
+    assert ratio["striped"] <= 1.05 and ratio["zigzag"] <= 1.05 < ratio["contiguous"]
+
+
+def test_attention_rows():
+    out = benchmark.attention_speed(seq=256, sp=4, heads=2, kv_heads=1, head_dim=16, chunk=32,
+                                    repeats=1)
+    impls = [(r["impl"], r["sp"], r["layout"]) for r in out["rows"]]
+    assert impls == [("ring", 4, "zigzag"), ("ring", 4, "contiguous"), ("blockwise", 1, "contiguous"),
+                     ("dense", 1, "contiguous")]
+    for r in out["rows"]:
+        assert r["seconds"] > 0 and r["fraction_of_matmul_peak"] > 0
+    assert out["attention_flops"] == benchmark.causal_attention_flops(1, 256, 2, 16)
+
+
+def test_memory_bisection_finds_the_boundary():
+    c = benchmark.bench_model_config("tiny")
+    c.attention.impl = "blockwise"
+    small = benchmark.step_memory(c, {"sp": 1}, 512)
+    budget = benchmark.step_memory(c, {"sp": 1}, 2048)
+    found = benchmark.max_context(c, {"sp": 1}, budget=budget, lo=512, hi=1024, unit=512)
+    assert small < budget and found >= 2048
+    assert benchmark.step_memory(c, {"sp": 1}, found + 512) > budget
+
+
+def test_step_rows():
+    out = benchmark.step_speed(shape="tiny", seq=512, sp=4, repeats=1)
+    assert [(r["impl"], r["sp"]) for r in out["rows"]] == [("blockwise", 1), ("ring", 4)]
+    assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] for r in out["rows"])
+    assert "ring_overhead" in out["rows"][1]
+
+
+def test_hlo_report_counts_permutes():
+    out = benchmark.ring_hlo_report(seq=512, sp=4, heads=2, head_dim=16)
+    assert out["async_permute_pairs"] + out["sync_permutes"] > 0
+
+
+def test_gpu_bench_refuses_cleanly_on_cpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "gpu", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("this machine has a GPU")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: the gpu benchmark needs a GPU")
