@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from ringformer.errors import ConfigError, UserError
+
 
 def ensure_cpu_devices(n: int) -> None:
     """Give a CPU-only host `n` virtual devices; must run before jax is imported.
@@ -25,8 +27,6 @@ def ensure_cpu_devices(n: int) -> None:
 
 def run_main(main: Callable[[], int | None]) -> None:
     """Run `main`, mapping UserError to a one-line message and exit status 2."""
-    from ringformer.errors import UserError
-
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
@@ -55,15 +55,88 @@ def devices_for_mesh(mesh_cfg, num_processes: int = 1) -> int:
 
 
 def parse_flags(argv: list[str]) -> None:
-    """Parse absl flags, turning a bad flag or config override into a UserError."""
+    """Parse absl flags, turning a bad flag, config file or config override into a ConfigError.
+
+    ml_collections reports these in three different ways, none of them one line: an unknown
+    `--config.a.b` key escapes as a raw AttributeError/KeyError, an exception inside the
+    config file's code escapes as itself, and a config file that cannot be read is only
+    recorded, to be raised as OSError when the config is first touched. All three end here,
+    each chained to the original exception so that `--debug` shows where it began.
+    """
     from absl import flags
 
-    from ringformer.errors import ConfigError
+    # Public in the submodule, though not re-exported by the package.
+    from ml_collections.config_flags.config_flags import is_config_flag
 
+    config_names = [n for n in flags.FLAGS if is_config_flag(flags.FLAGS[n])]
     try:
         flags.FLAGS(argv)
     except flags.Error as e:
-        msg = str(e).splitlines()[0]
-        raise ConfigError(msg, "check the flag names and config keys (--helpfull lists flags)") from None
-    except (FileNotFoundError, OSError) as e:
-        raise ConfigError(f"cannot read config file: {e}", "pass an existing configs/NAME.py") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        msg = lines[0]
+        if "Error whilst parsing config file" in msg:  # the cause is the traceback's last line
+            msg = f"{msg} {lines[-1]}"
+        raise ConfigError(msg, "check the flag names and config keys (--helpfull lists flags)"
+                          ) from e
+    except Exception as e:
+        unknown = _unknown_override(e, argv, config_names)
+        if unknown is not None:
+            raise unknown from e
+        raise ConfigError(f"config file {_config_path(argv, config_names)} failed to load: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                          "fix that file (--debug shows the traceback)") from e
+    for name in config_names:
+        flag = flags.FLAGS[name]
+        if not flag.present:
+            continue
+        path = flag.config_filename.split(":", 1)[0]
+        try:
+            flag.value.keys()  # ml_collections raises its recorded load error on first touch
+        except OSError as e:
+            if not os.path.exists(path):
+                raise ConfigError(f"config file {path} does not exist",
+                                  "pass an existing file, e.g. --config configs/tiny.py") from e
+            raise ConfigError(f"cannot read config file {path}",
+                              "check that it is a readable Python file") from e
+        except AttributeError as e:
+            raise ConfigError(f"config file {path} does not return a config from get_config()",
+                              "make get_config() return an ml_collections.ConfigDict") from e
+
+
+def _config_path(argv: list[str], config_names: list[str]) -> str:
+    """The value given to the first config flag (`--config X` or `--config=X`), for messages."""
+    for i, arg in enumerate(argv):
+        for name in config_names:
+            for prefix in (f"--{name}", f"-{name}"):
+                if arg.startswith(prefix + "="):
+                    return arg.split("=", 1)[1]
+                if arg == prefix and i + 1 < len(argv):
+                    return argv[i + 1]
+    return "(unknown)"
+
+
+def _unknown_override(err: Exception, argv: list[str], config_names: list[str]):
+    """A ConfigError naming the `--config.a.b` override `err` complains about, else None.
+
+    ml_collections raises KeyError (or AttributeError wrapping one) whose text is the missing
+    key, quoted, optionally followed by a `Did you mean "x"` line. The error counts as an
+    unknown override only if that key is a segment of an override given on the command
+    line; otherwise it came from the config file's own code.
+    """
+    if not isinstance(err, AttributeError | KeyError | IndexError):
+        return None
+    while err.args and isinstance(err.args[0], BaseException):
+        err = err.args[0]
+    text = str(err.args[0]) if err.args else ""
+    key, _, hint = text.partition("\n")
+    key = key.strip().strip("'\"")
+    for arg in argv:
+        for name in config_names:
+            for prefix in (f"--{name}.", f"--no{name}.", f"-{name}.", f"-no{name}."):
+                if arg.startswith(prefix):
+                    path = arg[len(prefix):].split("=", 1)[0]
+                    if key in path.split("."):
+                        fix = (f"{hint.strip()} Every" if hint.strip() else "every") + \
+                            " key and its default is in ringformer/config.py"
+                        return ConfigError(f"unknown config key {key!r} in --{name}.{path}", fix)
+    return None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -29,7 +31,9 @@ from ringformer.config import validate
 from ringformer.errors import CheckpointError, UserError
 from ringformer.mesh import make_mesh
 from ringformer.tokenizer import load_tokenizer
-from ringformer.workdir import WorkdirLock, prepare_workdir
+from ringformer.workdir import WorkdirLock, missing_dirs, prepare_workdir, remove_unused_workdir
+
+log = logging.getLogger(__name__)
 
 
 class TrainState(NamedTuple):
@@ -181,11 +185,20 @@ def _check_compatible(saved: dict, config: ml_collections.ConfigDict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Train `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
     mesh_sizes = validate(config, jax.device_count())
+    lead = jax.process_index() == 0
+    created = missing_dirs(workdir)
     workdir = prepare_workdir(workdir)
     # One lock per run: process 0 holds it for all of them (they share the workdir).
-    lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    lock = WorkdirLock(workdir) if lead else contextlib.nullcontext()
     with lock, _StopSignal() as stop:
-        return _train(config, workdir, mesh_sizes, stop)
+        try:
+            return _train(config, workdir, mesh_sizes, stop)
+        except BaseException:
+            # A first run that failed before writing anything (bad data, tokenizer, ...) must
+            # not leave a directory behind that looks like a run; done while the lock is held.
+            if lead:
+                remove_unused_workdir(created)
+            raise
 
 
 def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
@@ -206,20 +219,30 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
 
     tx = optim.make_optimizer(config.optim, cfg_t.steps)
     schedule = optim.make_schedule(config.optim, cfg_t.steps)
-    state = init_state(model_cfg, tx, mesh, cfg_t.seed)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg_t.keep_checkpoints)
     start = 0
-    latest = checkpointer.latest_valid_step()
-    if latest is not None:
-        _check_compatible(checkpointer.read_json(latest)[1], config)
-        state, data_state, _ = checkpointer.restore(latest, _abstract(state))
-        train_iter.restore(data_state)
-        start = int(state.step)
-    else:
-        if cfg_t.init_from:
-            state = _init_from(cfg_t.init_from, model_cfg, state, tx)
-        if lead:
-            (workdir / "config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n")
+    try:
+        # Checkpoints are judged before the state is built: a damaged or foreign checkpoint
+        # is reported without compiling anything.
+        latest = checkpointer.latest_valid_step()
+        if latest is not None:
+            _check_compatible(checkpointer.read_json(latest)[1], config)
+        state = init_state(model_cfg, tx, mesh, cfg_t.seed)
+        if latest is not None:
+            state, data_state, _ = checkpointer.restore(latest, _abstract(state))
+            train_iter.restore(data_state)
+            start = int(state.step)
+            if checkpointer.skipped and lead:  # the skipped steps were each warned about
+                log.warning("resuming from checkpoint step %d", start)
+        else:
+            if cfg_t.init_from:
+                state = _init_from(cfg_t.init_from, model_cfg, state, tx)
+            if lead:
+                (workdir / "config.json").write_text(json.dumps(_config_json(config), indent=2)
+                                                     + "\n")
+    except BaseException:
+        checkpointer.close()  # in-process callers (tests, notebooks) must not leak its threads
+        raise
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shardings = sharding.batch_sharding(mesh)
@@ -239,6 +262,9 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
         checkpointer.save(step, state, data_state=train_iter.state(),
                           config_json=_config_json(config))
 
+    # Test-only fault injection (tests/test_reliability.py), read here and nowhere else: a NaN
+    # loss mask at this step gives the real step function a non-finite loss and gradients.
+    nan_at_step = int(os.environ.get("RINGFORMER_TEST_NAN_AT_STEP") or 0)
     last: dict[str, Any] = {"step": start}
     window: list[dict] = []
     skipped = 0
@@ -250,6 +276,8 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
             if stop.received is not None:
                 break
             batch = next(train_iter)
+            if step + 1 == nan_at_step:
+                batch = {**batch, "loss_mask": batch["loss_mask"] * jnp.nan}
             state, m = step_fn(state, batch)
             m = jax.device_get(m)
             step += 1
@@ -266,10 +294,13 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
                 elapsed = time.perf_counter() - t_window
                 n_steps = max(len(window), 1)
                 tps = tokens_per_step * n_steps / max(elapsed, 1e-9)
-                row = {"loss": float(sum(w["loss"] for w in window) / n_steps) if window else None,
+                # A window of skipped steps only has no loss: NaN, which metrics.jsonl writes
+                # as null (None itself is not a number the logger accepts).
+                row = {"loss": float(sum(w["loss"] for w in window) / n_steps) if window
+                       else float("nan"),
                        "lr": float(schedule(step - 1)),
                        "grad_norm": float(sum(w["grad_norm"] for w in window) / n_steps)
-                       if window else None,
+                       if window else float("nan"),
                        "tokens_per_sec": tps,
                        "mfu": metrics.mfu(tps, flops_per_token, jax.device_count(), peak)}
                 if cfg_t.skip_nonfinite:

@@ -41,6 +41,44 @@ def prepare_workdir(path: str | os.PathLike) -> Path:
     return p
 
 
+def missing_dirs(path: str | os.PathLike) -> list[Path]:
+    """`path` and its ancestors that do not exist yet, deepest first: what `prepare_workdir`
+    is about to create, so a failed first run can take exactly that back."""
+    p = Path(path).absolute()
+    return [d for d in (p, *p.parents) if not d.exists()]
+
+
+def remove_unused_workdir(created: list[Path]) -> bool:
+    """Undo `prepare_workdir` for a run that failed before writing anything.
+
+    `created` is `missing_dirs(workdir)` from before the run: the workdir, then parents it
+    created. The workdir goes if it holds no file but the lock file (empty directories, such
+    as the `checkpoints/` a checkpoint manager makes on start, count as nothing), then each
+    created parent that is empty. True if the workdir was removed. Call it while still holding
+    the lock: then no other process holds the lock file being unlinked, so the rule above
+    (never delete a lock file someone may hold) still stands; one that opens it after the
+    unlink creates a new file, the directory is no longer empty and stays.
+    """
+    if not created:
+        return False
+    workdir, *parents = created
+    try:
+        dirs = []
+        for root, subdirs, files in os.walk(workdir):
+            if set(files) - ({LOCK_NAME} if Path(root) == workdir else set()):
+                return False
+            dirs.extend(Path(root) / d for d in subdirs)
+        (workdir / LOCK_NAME).unlink(missing_ok=True)
+        for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+            d.rmdir()
+        workdir.rmdir()
+        for d in parents:
+            d.rmdir()
+    except OSError:  # something appeared meanwhile: leave it and everything above it
+        return not workdir.exists()
+    return True
+
+
 class WorkdirLock:
     """Exclusive lock on `DIR/.lock`, as a context manager (or `acquire()` / `release()`).
 

@@ -14,7 +14,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ringformer.cli import run_main
-from ringformer.errors import DataError
+from ringformer.errors import ConfigError, DataError
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse's own error path prints usage and a second line; ours is one `error:` line."""
+
+    def error(self, message: str):
+        raise ConfigError(message, "see --help")
 
 
 def _numbers(text: str, kind: type) -> list:
@@ -26,7 +33,7 @@ def _numbers(text: str, kind: type) -> list:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data"))
     parser.add_argument("--limit", type=int, default=None, help="use only the first N files")
     parser.add_argument("--eval-fraction", type=float, default=0.05)
