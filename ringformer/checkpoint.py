@@ -98,6 +98,21 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(f"ringformer.checkpoint.{name}")
 
 
+def _agree(value: int) -> int:
+    """Process 0's `value`, on every process.
+
+    Decisions read from the shared filesystem must be the same everywhere, or the collective
+    save or restore that follows deadlocks: another process can look at a step before process
+    0's background thread has written its COMMITTED marker (or through a stale NFS cache).
+    """
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def _leaf_name(path) -> str:
     parts = []
     for k in path:
@@ -218,6 +233,20 @@ class Checkpointer:
         directories exist but none is valid.
         """
         self._finish_background()
+        error, found = None, -1
+        try:
+            found = self._latest_valid_step_here()
+        except CheckpointError as e:
+            error, found = e, -2
+        agreed = _agree(-1 if found is None else found)
+        if agreed == -2:
+            raise error or CheckpointError(f"no valid checkpoint in {self.directory}",
+                                           "see process 0's message")
+        if agreed >= 0:
+            self._verdicts[agreed] = None  # process 0 checked it; its view is the one used
+        return None if agreed == -1 else agreed
+
+    def _latest_valid_step_here(self) -> int | None:
         steps = sorted(self._step_dirs(), reverse=True)
         if not steps:
             return None
@@ -244,13 +273,16 @@ class Checkpointer:
         self._finish_background()
         step = int(step)
         replaced = None
-        if step in self._step_dirs():
-            reason = self._check(step)
-            if reason is None and not force:
+        reason = self._check(step) if step in self._step_dirs() else None
+        # 0: no such step, 1: a valid one, 2: an invalid one (process 0's view, see _agree)
+        there = _agree(0 if step not in self._step_dirs() else 1 if reason is None else 2)
+        if there:
+            if there == 1 and not force:
+                self._verdicts[step] = None
                 log.info("checkpoint step %d already exists and is valid; not saving again", step)
                 return False
             if self._primary:
-                replaced = self._move_aside(step, "replaced" if reason is None else "invalid", reason)
+                replaced = self._move_aside(step, "replaced" if there == 1 else "invalid", reason)
             _sync(f"moved_aside_{step}")
         self._verdicts.pop(step, None)
         self._manager.reload()  # our own moves and deletions are invisible to its step cache

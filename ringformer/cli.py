@@ -36,11 +36,26 @@ def run_main(main: Callable[[], int | None]) -> None:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        _exit_all_processes(f"error: {e}", 2)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted (run the same command again to resume)", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _exit_all_processes(message: str, code: int) -> None:
+    """In a multi-process run, stop the other processes with this error, then exit now.
+
+    The peers may be blocked in a collective waiting for this process; `stop_peers` makes
+    them exit with the message, and exiting without JAX's shutdown barrier keeps this one
+    from waiting out its timeout for peers that are leaving. Returns on a single process.
+    """
+    mesh = sys.modules.get("ringformer.mesh")  # not imported yet: jax never started
+    if mesh is None or mesh.distributed_watchdog() is None:
+        return
+    mesh.stop_peers(message, code)
+    mesh._hard_exit(code)
 
 
 def devices_for_mesh(mesh_cfg, num_processes: int = 1) -> int:

@@ -14,9 +14,13 @@ Document ids: `[BOS] + encode(text) + [EOS]`, BOS only when the tokenizer has on
 tokenizer has none). Batch fields are [batch, seq_len]: tokens, targets, segment_ids and
 positions (int32), loss_mask (float32); see `ringformer.packing`.
 
-Multi-process: every batch row belongs to the processes whose devices hold it. Processes
-holding the same rows (the sequence split over hosts) form one *share*; documents are dealt to
-shares round-robin, and each process tokenizes and packs only its share's documents.
+Shares: the mesh's batch axes (dp x fsdp) cut every global batch into groups of rows, one per
+distinct set of rows a device holds; each group is a *share*. Documents are dealt to shares
+round-robin and every share packs and shuffles its own documents, so the batches depend on
+the seed and dp x fsdp only, never on how many processes run them: one process with 8 devices
+sees exactly the batches of two processes with 4. A process tokenizes and packs only the
+shares its devices hold (several, when it holds several groups of rows); processes holding
+the same rows (the sequence split over hosts) produce the same share.
 """
 
 from __future__ import annotations
@@ -92,8 +96,8 @@ def tokenize_documents(files: str | Sequence[str], tokenizer: Tokenizer, *,
     docs = load_paths(paths, text_field=text_field)
     if n_shares > 1:
         if len(docs) < n_shares:
-            raise DataError(f"{len(docs)} documents cannot be shared by {n_shares} processes",
-                            "add documents or run fewer processes")
+            raise DataError(f"{len(docs)} documents cannot be dealt to {n_shares} batch shards "
+                            "(mesh dp*fsdp)", "add documents or use a smaller dp*fsdp")
         docs = docs.shard(num_shards=n_shares, index=share, contiguous=False)
     bos = tokenizer.bos_id
 
@@ -141,11 +145,12 @@ def document_tokens(files: str | Sequence[str], tokenizer: Tokenizer,
 # --------------------------------------------------------------------------- shares
 
 def _shares(mesh: Mesh | None, global_batch: int, seq_len: int, process_index: int | None,
-            process_count: int | None) -> tuple[list[np.ndarray], int]:
-    """(rows of each share, this process's share).
+            process_count: int | None) -> tuple[list[np.ndarray], list[int]]:
+    """(rows of each share, the shares this process holds).
 
-    Derived from where the mesh puts batch rows; `process_index`/`process_count` simulate a
-    plain split of the batch over processes (tests, host-only use).
+    Derived from where the mesh puts batch rows (one share per distinct set of rows a device
+    holds); `process_index`/`process_count` simulate a plain split of the batch over
+    processes (tests, host-only use).
     """
     if process_count is not None or mesh is None:
         n = process_count or 1
@@ -153,11 +158,15 @@ def _shares(mesh: Mesh | None, global_batch: int, seq_len: int, process_index: i
         if global_batch % n or not 0 <= p < n:
             raise DataError(f"global batch {global_batch} cannot be split over {n} processes "
                             f"(process {p})", f"use a batch size divisible by {n}")
-        return list(np.arange(global_batch).reshape(n, -1)), p
+        return list(np.arange(global_batch).reshape(n, -1)), [p]
     rows_of: dict[int, set[int]] = {}
     for dev, idx in batch_sharding(mesh).devices_indices_map((global_batch, seq_len)).items():
-        rows_of.setdefault(dev.process_index, set()).update(range(*idx[0].indices(global_batch)))
-    return group_shares(rows_of, jax.process_index(), global_batch)
+        rows_of[dev.id] = set(range(*idx[0].indices(global_batch)))
+    shares, _ = group_shares(rows_of, next(iter(rows_of)), global_batch)
+    first_row = {int(r[0]): k for k, r in enumerate(shares)}
+    mine = sorted({first_row[min(rows_of[d.id])] for d in mesh.devices.flat
+                   if d.process_index == jax.process_index()})
+    return shares, mine
 
 
 def group_shares(rows_of: dict[int, set[int]], me: int,
@@ -185,13 +194,19 @@ class _Stream:
     """Shared plumbing: this share's packed rows, layout, and host -> global arrays."""
 
     def __init__(self, files, config_data, tokenizer: Tokenizer, mesh: Mesh | None, *,
-                 layout: str, process_index: int | None, process_count: int | None):
+                 layout: str, process_index: int | None, process_count: int | None,
+                 share: tuple[list[np.ndarray], int] | None = None):
         self.tokenizer, self.mesh, self.layout = tokenizer, mesh, layout
         self.seq_len = int(config_data.seq_len)
         self.global_batch = int(config_data.global_batch_size)
         self.sp = _check_shape(mesh, layout, self.seq_len)
-        self.share_rows, self.share = _shares(mesh, self.global_batch, self.seq_len,
-                                              process_index, process_count)
+        if share is None:  # the first share this process holds; `_siblings` handle the rest
+            self.share_rows, mine = _shares(mesh, self.global_batch, self.seq_len,
+                                            process_index, process_count)
+            self.share, self.other_shares = mine[0], mine[1:]
+        else:
+            (self.share_rows, self.share), self.other_shares = share, []
+        self._siblings: list = []
         self.simulated = process_count is not None and process_count != jax.process_count()
         self.rows_per_batch = len(self.share_rows[self.share])
         ds = tokenize_documents(files, tokenizer, text_field=config_data.get("text_field", "text"),
@@ -208,6 +223,22 @@ class _Stream:
         batch = to_batch(*packer.rows(rows))
         return {k: np.ascontiguousarray(layouts.permute(v, self.layout, self.sp, axis=1))
                 for k, v in batch.items()}
+
+    def _with_siblings(self, own: dict[str, np.ndarray],
+                       theirs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """This process's rows of a batch from its shares' rows: each share's row i is global
+        row `share_rows[share][i]`, and local data lists the process's rows in global order."""
+        if not theirs:
+            return own
+        parts = [(self.share_rows[self.share], own)] + \
+            [(s.share_rows[s.share], h) for s, h in zip(self._siblings, theirs, strict=True)]
+        rows = np.sort(np.concatenate([r for r, _ in parts]))
+        out = {}
+        for k in own:
+            out[k] = np.empty((len(rows), *own[k].shape[1:]), own[k].dtype)
+            for r, h in parts:
+                out[k][np.searchsorted(rows, r)] = h[k]
+        return out
 
     def _global(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         if self.mesh is None or self.simulated:
@@ -230,10 +261,15 @@ class TrainIterator(_Stream):
     def __init__(self, config_data, tokenizer: Tokenizer, mesh: Mesh | None, *, seed: int,
                  layout: str = "contiguous", shuffle: bool = True, state: dict | None = None,
                  files: str | Sequence[str] | None = None, process_index: int | None = None,
-                 process_count: int | None = None):
+                 process_count: int | None = None,
+                 _share: tuple[list[np.ndarray], int] | None = None):
         super().__init__(config_data.train_files if files is None else files, config_data,
                          tokenizer, mesh, layout=layout, process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, share=_share)
+        self._siblings = [TrainIterator(config_data, tokenizer, mesh, seed=seed, layout=layout,
+                                        shuffle=shuffle, files=files,
+                                        _share=(self.share_rows, k))
+                          for k in self.other_shares]
         self.seed, self.shuffle = int(seed), shuffle
         self.batches = 0  # batches consumed: the one number every share agrees on
         # Any document order packs into the same number of rows: the token count is fixed.
@@ -271,7 +307,8 @@ class TrainIterator(_Stream):
             epoch, pos = epoch + 1, 0
         self.batches += 1
         hosts = [self._host(p, rows) for p, rows in parts]
-        return {k: np.concatenate([h[k] for h in hosts]) for k in FIELDS}
+        own = {k: np.concatenate([h[k] for h in hosts]) for k in FIELDS}
+        return self._with_siblings(own, [s.next_host_batch() for s in self._siblings])
 
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:
         return self
@@ -280,8 +317,11 @@ class TrainIterator(_Stream):
         return self._global(self.next_host_batch())
 
     def state(self) -> dict:
-        """JSON-serialisable position. `batches` is authoritative; epoch/position are this
-        process's view, kept for people reading checkpoints."""
+        """JSON-serialisable position. `batches` is authoritative; epoch/position are the
+        view of this process's first share, kept for people reading checkpoints.
+
+        Restoring `batches` on another mesh (elastic resume with another dp*fsdp) continues
+        at the same fraction of an epoch, but with that mesh's shares, hence other batches."""
         epoch, pos = self._position()
         return {"seed": self.seed, "batches": self.batches, "epoch": epoch, "position": pos}
 
@@ -300,6 +340,8 @@ class TrainIterator(_Stream):
         if seed != self.seed:
             self.seed, self._epoch_cache = seed, None  # the saved run's order, not ours
         self.batches = batches
+        for s in self._siblings:
+            s.restore({"seed": seed, "batches": batches})
 
 
 def make_train_iterator(config_data, tokenizer: Tokenizer, mesh: Mesh | None, *, seed: int,
@@ -311,12 +353,18 @@ def make_train_iterator(config_data, tokenizer: Tokenizer, mesh: Mesh | None, *,
 
 class _EvalStream(_Stream):
     def __init__(self, config_data, tokenizer, mesh, *, layout, files, process_index,
-                 process_count):
+                 process_count, _share=None):
         super().__init__(config_data.eval_files if files is None else files, config_data,
                          tokenizer, mesh, layout=layout, process_index=process_index,
-                         process_count=process_count)
+                         process_count=process_count, share=_share)
         self.packer = self._packer(None)
         rows = self.packer.n_rows
+        if _share is not None:
+            return  # a sibling: the first share's stream counts batches for all
+        self._siblings = [_EvalStream(config_data, tokenizer, mesh, layout=layout, files=files,
+                                      process_index=None, process_count=None,
+                                      _share=(self.share_rows, k)) for k in self.other_shares]
+        rows = max([rows] + [s.packer.n_rows for s in self._siblings])
         if jax.process_count() > 1 and not self.simulated:
             # Every process must run the same number of eval steps or collectives hang.
             from jax.experimental import multihost_utils
@@ -327,8 +375,11 @@ class _EvalStream(_Stream):
     def host_batches(self, n_batches: int | None) -> Iterator[dict[str, np.ndarray]]:
         n = self.n_batches if n_batches is None else min(n_batches, self.n_batches)
         for b in range(n):
-            rows = np.arange(b * self.rows_per_batch, (b + 1) * self.rows_per_batch)
-            yield self._host(self.packer, np.where(rows < self.packer.n_rows, rows, -1))
+            yield self._with_siblings(self._batch(b), [s._batch(b) for s in self._siblings])
+
+    def _batch(self, b: int) -> dict[str, np.ndarray]:
+        rows = np.arange(b * self.rows_per_batch, (b + 1) * self.rows_per_batch)
+        return self._host(self.packer, np.where(rows < self.packer.n_rows, rows, -1))
 
 
 def eval_host_batches(config_data, tokenizer: Tokenizer, mesh: Mesh | None = None, *,

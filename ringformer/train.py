@@ -161,6 +161,22 @@ class _StopSignal:
     def _handle(self, signum, frame):
         self.received = signum
 
+    def agreed(self) -> bool:
+        """Whether this or any other process got a signal (then `received` is set on all).
+
+        The save after the loop is collective, so every process must leave at the same step,
+        and a scheduler's SIGTERM reaches the processes at different moments: they compare
+        flags each step (a tiny allgather; the step already waits for its metrics).
+        """
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+            if self.received is None and np.max(flags):
+                self.received = 0  # a peer's signal
+        return self.received is not None
+
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
@@ -273,7 +289,7 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
     step = start
     try:
         while step < cfg_t.steps:
-            if stop.received is not None:
+            if stop.agreed():
                 break
             batch = next(train_iter)
             if step + 1 == nan_at_step:

@@ -211,10 +211,11 @@ def test_processes_holding_the_same_rows_share_documents():
     assert [s.tolist() for s in shares] == [[0, 2], [1, 3]] and mine == 0
     with pytest.raises(DataError, match="overlapping"):
         data.group_shares({0: {0, 1}, 1: {1, 2, 3}}, 0, 4)
-    # One process, every device: one share with every row.
+    # One process, every device: a share per group of rows the mesh makes, all of them mine
+    # (the batches depend on dp*fsdp, not on the number of processes).
     mesh = make_mesh({"dp": 2, "fsdp": 2, "sp": 2, "tp": 1})
     shares, mine = data._shares(mesh, 4, 16, None, None)
-    assert [s.tolist() for s in shares] == [[0, 1, 2, 3]] and mine == 0
+    assert [s.tolist() for s in shares] == [[0], [1], [2], [3]] and mine == [0, 1, 2, 3]
 
 
 def test_mesh_batch_is_global_and_sharded(corpus):
