@@ -61,7 +61,7 @@ def cmd(workdir, corpus, *extra, train_file=None, evals=True):
     train, eval_file = corpus
     return [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", SMOKE,
             "--workdir", str(workdir), f"--config.data.train_files={train_file or train}",
-            *([f"--config.data.eval_files={eval_file}"] if evals else []), *extra]
+            f"--config.data.eval_files={eval_file if evals else ''}", *extra]
 
 
 class Group:
