@@ -82,7 +82,8 @@ def dense_attention(q, k, v, *, causal: bool = True, segment_ids=None, token_ind
 def _tile_scores(q_c, k_c, qi, ki, qs, ks, opts: _Options, masked: bool):
     """Scaled fp32 scores [b, kv, g, cq, ck] of one tile and its boolean mask (broadcastable),
     or None when the caller knows every entry is visible."""
-    s = jnp.einsum("bkgqd,bkcd->bkgqc", q_c, k_c, preferred_element_type=F32) * opts.scale
+    # q arrives pre-scaled by 1/sqrt(d) (once per block, not once per tile).
+    s = jnp.einsum("bkgqd,bkcd->bkgqc", q_c, k_c, preferred_element_type=F32)
     if not masked:
         return s, None
     mask = jnp.ones((1, 1, 1, 1, 1), bool)
@@ -171,7 +172,7 @@ def _bwd_tile(q_in, kv_in, dq, masked: bool, opts: _Options):
         p = jnp.where(mask, p, 0.0)
     dv = jnp.einsum("bkgqc,bkgqd->bkcd", p.astype(do_c.dtype), do_c, preferred_element_type=F32)
     dp = jnp.einsum("bkgqd,bkcd->bkgqc", do_c, v_c, preferred_element_type=F32)
-    ds = p * (dp - delta_c[..., None]) * opts.scale
+    ds = p * (dp - delta_c[..., None])  # dq's 1/sqrt(d) is applied once at the end
     dq = dq + jnp.einsum("bkgqc,bkcd->bkgqd", ds.astype(k_c.dtype), k_c,
                          preferred_element_type=F32)
     dk = jnp.einsum("bkgqc,bkgqd->bkcd", ds.astype(q_c.dtype), q_c, preferred_element_type=F32)
@@ -248,6 +249,11 @@ def _ring_loop(step, carry, kv, opts: _Options):
     return step(carry, kv)
 
 
+def _prescale(q, opts: _Options):
+    """q * 1/sqrt(d): scores need no per-tile scaling, and dk = ds^T (q * scale) directly."""
+    return (q.astype(F32) * opts.scale).astype(q.dtype)
+
+
 def _forward(q, k, v, seg, index, opts: _Options):
     # The masks depend only on index and segments, which are the same in every layer. Without
     # a barrier, differentiating a scan over layers hoists that mask work out of the loops and
@@ -255,7 +261,7 @@ def _forward(q, k, v, seg, index, opts: _Options):
     q, seg, index = lax.optimization_barrier((q, seg, index))
     kv = k.shape[2]
     cq, ck = opts.q_chunk, opts.kv_chunk
-    qc = _split_q(q, kv, cq)
+    qc = _split_q(_prescale(q, opts), kv, cq)
     q_side = (qc, _split_seq(index, cq), _split_seq(seg, cq))
     o = jnp.zeros_like(qc, F32)
     m = jnp.full_like(qc[..., 0], MASK, F32)
@@ -279,7 +285,7 @@ def _backward(q, k, v, seg, index, out, lse, dout, opts: _Options):
     dout, seg, index = lax.optimization_barrier((dout, seg, index))  # see _forward
     kv = k.shape[2]
     cq, ck = opts.q_chunk, opts.kv_chunk
-    qc, doc = _split_q(q, kv, cq), _split_q(dout, kv, cq)
+    qc, doc = _split_q(_prescale(q, opts), kv, cq), _split_q(dout, kv, cq)
     # delta_i = sum_j p_ij dp_ij = <o_i, do_i>: the softmax-jacobian term, computed once.
     delta = jnp.sum(_split_q(out, kv, cq).astype(F32) * doc.astype(F32), axis=-1)
     q_side = (qc, doc, lse, delta, _split_seq(index, cq), _split_seq(seg, cq))
@@ -298,7 +304,7 @@ def _backward(q, k, v, seg, index, out, lse, dout, opts: _Options):
         return dq, dkv
 
     dq, (dk, dv) = _ring_loop(step, (dq, dkv), (k, v, seg, index), opts)
-    return (_merge_q(dq).astype(q.dtype), _merge_kv(dk).astype(k.dtype),
+    return ((_merge_q(dq) * opts.scale).astype(q.dtype), _merge_kv(dk).astype(k.dtype),
             _merge_kv(dv).astype(v.dtype))
 
 
