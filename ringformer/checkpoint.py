@@ -148,7 +148,8 @@ class Checkpointer:
                  verify_checksums: bool = True):
         if keep < 1:
             raise ValueError(f"keep={keep}: keep at least one checkpoint")
-        self.directory = Path(workdir) / CHECKPOINT_DIR
+        # Orbax needs an absolute path (a relative --workdir such as runs/tiny is normal).
+        self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
         self.keep = keep
         self.async_save = async_save
         self.verify_checksums = verify_checksums

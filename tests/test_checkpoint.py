@@ -93,6 +93,18 @@ def test_round_trip_is_bitwise_with_data_and_config(tmp_path):
     assert (tmp_path / "checkpoints" / "5" / MARKER).is_file()
 
 
+def test_relative_workdir_works(tmp_path, monkeypatch):
+    """`--workdir runs/tiny` is relative; orbax itself only accepts absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    state = make_state(mesh())
+    with Checkpointer("runs/tiny", keep=2) as ck:
+        assert save(ck, 1, state)
+        ck.wait()
+        got, _, _ = ck.restore(None, abstract(state))
+    assert_bitwise(got, state)
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "1" / MARKER).is_file()
+
+
 def test_keep_n_and_same_step_twice(tmp_path):
     m = mesh()
     state = make_state(m)
