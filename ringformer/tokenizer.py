@@ -16,6 +16,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,23 @@ class ByteTokenizer(Tokenizer):
         return "byte-v1"
 
 
-class _FastTokenizer(Tokenizer):
+class _FileTokenizer(Tokenizer):
+    """Shared by the tokenizers read from files: both libraries decode the same way, and the
+    files themselves identify the tokenizer (for the tokenization cache)."""
+
+    _tok: Any
+    _files: list[Path]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
+                                skip_special_tokens=True)
+
+    @property
+    def fingerprint(self) -> str:
+        return _hash_files(self._files)
+
+
+class _FastTokenizer(_FileTokenizer):
     """A `tokenizers.Tokenizer` read straight from a tokenizer.json (no transformers import)."""
 
     def __init__(self, path: Path) -> None:
@@ -126,16 +143,7 @@ class _FastTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
-                                skip_special_tokens=True)
-
-    @property
-    def fingerprint(self) -> str:
-        return _hash_files(self._files)
-
-
-class _HFTokenizer(Tokenizer):
+class _HFTokenizer(_FileTokenizer):
     """`transformers.AutoTokenizer` from a local directory (LLaMA, GPT-2, ...)."""
 
     def __init__(self, path: Path) -> None:
@@ -157,14 +165,6 @@ class _HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._tok(list(texts), add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
-                                skip_special_tokens=True)
-
-    @property
-    def fingerprint(self) -> str:
-        return _hash_files(self._files)
 
 
 def _hash_files(files: Sequence[Path]) -> str:
