@@ -6,6 +6,7 @@ Every script wraps its body in `run_main`, so expected failures end as one line
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -23,6 +24,15 @@ def ensure_cpu_devices(n: int) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's own error path prints usage and a second line; ours is one `error:` line."""
+
+    def error(self, message: str):
+        from ringformer.errors import ConfigError
+
+        raise ConfigError(message, "see --help")
 
 
 def run_main(main: Callable[[], int | None]) -> None:

@@ -8,18 +8,18 @@
     python scripts/bench.py gpu [--seq 32768] --json   # on a machine with an NVIDIA GPU
 """
 
-import argparse
 import json
 import os
 import sys
+from argparse import RawTextHelpFormatter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ringformer.cli import ensure_cpu_devices, run_main
+from ringformer.cli import ArgumentParser, ensure_cpu_devices, run_main
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=RawTextHelpFormatter)
     p.add_argument("bench", choices=["memory", "attention", "balance", "step", "hlo", "gpu"])
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--seq", type=int, default=None, help="sequence length")

@@ -7,21 +7,13 @@ Idempotent: a second run with unchanged inputs returns at once. See data/README.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ringformer.cli import run_main
-from ringformer.errors import ConfigError, DataError
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse's own error path prints usage and a second line; ours is one `error:` line."""
-
-    def error(self, message: str):
-        raise ConfigError(message, "see --help")
+from ringformer.cli import ArgumentParser, run_main
+from ringformer.errors import DataError
 
 
 def _numbers(text: str, kind: type) -> list:
@@ -33,7 +25,7 @@ def _numbers(text: str, kind: type) -> list:
 
 
 def main() -> int:
-    parser = _ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data"))
     parser.add_argument("--limit", type=int, default=None, help="use only the first N files")
     parser.add_argument("--eval-fraction", type=float, default=0.05)

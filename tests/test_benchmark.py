@@ -66,3 +66,11 @@ def test_gpu_bench_refuses_cleanly_on_cpu():
     if proc.returncode == 0:
         pytest.skip("this machine has a GPU")
     assert proc.returncode == 2 and proc.stderr.startswith("error: the gpu benchmark needs a GPU")
+
+
+def test_bad_arguments_give_one_error_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "nope"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: argument bench: invalid choice")
+    assert len(proc.stderr.strip().splitlines()) == 1
