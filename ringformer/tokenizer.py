@@ -12,6 +12,7 @@ text gives the same ids whatever the tokenizer's own defaults are.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt", ".gguf")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """What the rest of ringformer relies on; subclasses fill in the ids and the codec."""
 
     name: str  # saved in config.json so a run reloads the same tokenizer
@@ -46,20 +47,22 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
+    @abc.abstractmethod
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        raise NotImplementedError
+        """Ids of each text, without special tokens (the data pipeline places BOS/EOS)."""
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Like `encode_batch`, as int32 arrays (what the data pipeline stores)."""
         return [np.asarray(ids, dtype=np.int32) for ids in self.encode_batch(texts)]
 
+    @abc.abstractmethod
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        raise NotImplementedError
+        """Text of `ids`, special tokens dropped."""
 
     @property
+    @abc.abstractmethod
     def fingerprint(self) -> str:
         """Changes whenever the ids could change; keys the tokenized-data cache."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, "
