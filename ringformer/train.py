@@ -101,6 +101,15 @@ def state_shardings(model_cfg: model.ModelConfig, tx, mesh, abstract_params) -> 
     return TrainState(rep, params, opt)
 
 
+def abstract_state(model_cfg: model.ModelConfig, tx, mesh) -> TrainState:
+    """Shapes, dtypes and shardings of the train state, with nothing allocated: the target a
+    checkpoint is restored onto (on any mesh)."""
+    params = jax.eval_shape(functools.partial(model.init_params, model_cfg), jax.random.PRNGKey(0))
+    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, state_shardings(model_cfg, tx, mesh, params))
+
+
 def init_state(model_cfg: model.ModelConfig, tx, mesh, seed: int) -> TrainState:
     """The state is born sharded: shapes from eval_shape, shardings from the rules table."""
     rng = jax.random.PRNGKey(seed)
@@ -140,10 +149,6 @@ def _init_from(source: str, model_cfg: model.ModelConfig, state: TrainState, tx)
     opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda x: x.sharding,
                                                             state.opt_state))(params)
     return TrainState(state.step, params, opt_state)
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 class _StopSignal:
@@ -243,14 +248,16 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
         latest = checkpointer.latest_valid_step()
         if latest is not None:
             _check_compatible(checkpointer.read_json(latest)[1], config)
-        state = init_state(model_cfg, tx, mesh, cfg_t.seed)
         if latest is not None:
-            state, data_state, _ = checkpointer.restore(latest, _abstract(state))
+            # Restored straight onto the shardings: no initialised state is built and dropped.
+            state, data_state, _ = checkpointer.restore(
+                latest, abstract_state(model_cfg, tx, mesh))
             train_iter.restore(data_state)
             start = int(state.step)
             if checkpointer.skipped and lead:  # the skipped steps were each warned about
                 log.warning("resuming from checkpoint step %d", start)
         else:
+            state = init_state(model_cfg, tx, mesh, cfg_t.seed)
             if cfg_t.init_from:
                 state = _init_from(cfg_t.init_from, model_cfg, state, tx)
             if lead:
@@ -367,13 +374,7 @@ def restore_run(workdir: str | Path, mesh_cfg=None, *, step: int | None = None
         mesh = make_mesh(config.mesh)
         model_cfg = model.ModelConfig.from_config(config)
         tx = optim.make_optimizer(config.optim, config.train.steps)
-        abstract = jax.eval_shape(functools.partial(model.init_params, model_cfg),
-                                  jax.random.PRNGKey(0))
-        shardings = state_shardings(model_cfg, tx, mesh, abstract)
-        target = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract,
-                       jax.eval_shape(tx.init, abstract)), shardings)
+        target = abstract_state(model_cfg, tx, mesh)
         state, _, _ = checkpointer.restore(step, target)
     finally:
         checkpointer.close()
