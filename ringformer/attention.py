@@ -75,22 +75,26 @@ def dense_attention(q, k, v, *, causal: bool = True, segment_ids=None, token_ind
 
 
 # ----------------------------------------------------------------------------- shared kernel
-# Internal layout: heads-major so every tile is two plain batched matmuls over (batch, kv_head):
-#   q: [nq, b, kv, g, cq, d]   k, v: [nk, b, kv, ck, d]   index: [n, c]   segments: [n, b, c]
+# Internal layout: heads-major, and the g = heads/kv_heads query heads that share a key head are
+# folded into the rows of the query chunk, so every tile matmul is a plain batched dot over
+# (batch, kv_head) with g*cq rows: larger for GQA, and with no size-1 group axis, which made
+# XLA's CPU backend copy each 8 MB score tile to fix its layout.
+#   q: [nq, b, kv, g*cq, d]   k, v: [nk, b, kv, ck, d]
+#   q-side index: [nq, g*cq], segments: [nq, b, g*cq]   kv-side index: [nk, ck], segments [nk, b, ck]
 
 
 def _tile_scores(q_c, k_c, qi, ki, qs, ks, opts: _Options, masked: bool):
-    """Scaled fp32 scores [b, kv, g, cq, ck] of one tile and its boolean mask (broadcastable),
+    """Scaled fp32 scores [b, kv, g*cq, ck] of one tile and its boolean mask (broadcastable),
     or None when the caller knows every entry is visible."""
     # q arrives pre-scaled by 1/sqrt(d) (once per block, not once per tile).
-    s = jnp.einsum("bkgqd,bkcd->bkgqc", q_c, k_c, preferred_element_type=F32)
+    s = jnp.einsum("bkrd,bkcd->bkrc", q_c, k_c, preferred_element_type=F32)
     if not masked:
         return s, None
-    mask = jnp.ones((1, 1, 1, 1, 1), bool)
+    mask = jnp.ones((1, 1, 1, 1), bool)
     if opts.causal:
         mask = mask & (qi[:, None] >= ki[None, :])
     if qs is not None:
-        mask = mask & (qs[:, None, None, :, None] == ks[:, None, None, None, :])
+        mask = mask & (qs[:, None, :, None] == ks[:, None, None, :])
     return s, mask
 
 
@@ -126,19 +130,24 @@ def _sweep(tile_fn, q_side, kv_side, q_acc, kv_acc, opts: _Options):
         q_in, acc = q_in_and_acc
         qi, qs = q_in[-2], q_in[-1]
 
-        def per_kv_chunk(acc, kv_in):
+        def per_kv_chunk(carry, j_and_kv_in):
+            acc, kv_acc = carry
+            j, kv_in = j_and_kv_in
             ki, ks = kv_in[-2], kv_in[-1]
 
             def skip(acc):
-                zeros = jax.tree.map(lambda t: jnp.zeros_like(t[0], F32), kv_acc)
-                return acc, zeros
+                return acc, jax.tree.map(lambda t: jnp.zeros_like(t[0]), kv_acc)
 
-            return lax.switch(_tile_kind(qi, ki, qs, ks, opts),
-                              [skip, lambda a: tile_fn(q_in, kv_in, a, False),
-                               lambda a: tile_fn(q_in, kv_in, a, True)], acc)
+            acc, kv_out = lax.switch(_tile_kind(qi, ki, qs, ks, opts),
+                                     [skip, lambda a: tile_fn(q_in, kv_in, a, False),
+                                      lambda a: tile_fn(q_in, kv_in, a, True)], acc)
+            # Added in place into chunk j's slot: stacking per-tile outputs and summing them
+            # after the loop would read and write the whole key side once per query chunk.
+            kv_acc = jax.tree.map(lambda t, o: t.at[j].add(o), kv_acc, kv_out)
+            return (acc, kv_acc), None
 
-        acc, kv_out = lax.scan(per_kv_chunk, acc, kv_side)
-        kv_acc = jax.tree.map(jnp.add, kv_acc, kv_out)
+        n_kv = jax.tree.leaves(kv_side)[0].shape[0]
+        (acc, kv_acc), _ = lax.scan(per_kv_chunk, (acc, kv_acc), (jnp.arange(n_kv), kv_side))
         return kv_acc, acc
 
     kv_acc, q_acc = lax.scan(per_q_chunk, kv_acc, (q_side, q_acc))
@@ -158,7 +167,7 @@ def _fwd_tile(q_in, kv_in, acc, masked: bool, opts: _Options):
         p = jnp.where(mask, p, 0.0)
     corr = jnp.exp(m - m_new)
     l = l * corr + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("bkgqc,bkcd->bkgqd", p.astype(v_c.dtype), v_c, preferred_element_type=F32)
+    pv = jnp.einsum("bkrc,bkcd->bkrd", p.astype(v_c.dtype), v_c, preferred_element_type=F32)
     o = o * corr[..., None] + pv
     return (o, m_new, l), ()
 
@@ -170,31 +179,35 @@ def _bwd_tile(q_in, kv_in, dq, masked: bool, opts: _Options):
     p = jnp.exp(s - lse_c[..., None])
     if masked:
         p = jnp.where(mask, p, 0.0)
-    dv = jnp.einsum("bkgqc,bkgqd->bkcd", p.astype(do_c.dtype), do_c, preferred_element_type=F32)
-    dp = jnp.einsum("bkgqd,bkcd->bkgqc", do_c, v_c, preferred_element_type=F32)
+    # dk and dv come out transposed, [d, ck]: contracting the big [cq, ck] tile over its leading
+    # axis as the *right* operand is a plain matmul, while as the left operand XLA's CPU backend
+    # transposes 8 MB first (measured 1.6x slower). They are accumulated and sent transposed.
+    dv_t = jnp.einsum("bkrd,bkrc->bkdc", do_c, p.astype(do_c.dtype), preferred_element_type=F32)
+    dp = jnp.einsum("bkrd,bkcd->bkrc", do_c, v_c, preferred_element_type=F32)
     ds = p * (dp - delta_c[..., None])  # dq's 1/sqrt(d) is applied once at the end
-    dq = dq + jnp.einsum("bkgqc,bkcd->bkgqd", ds.astype(k_c.dtype), k_c,
-                         preferred_element_type=F32)
-    dk = jnp.einsum("bkgqc,bkgqd->bkcd", ds.astype(q_c.dtype), q_c, preferred_element_type=F32)
-    return dq, (dk, dv)
+    dq = dq + jnp.einsum("bkrc,bkcd->bkrd", ds.astype(k_c.dtype), k_c, preferred_element_type=F32)
+    dk_t = jnp.einsum("bkrd,bkrc->bkdc", q_c, ds.astype(q_c.dtype), preferred_element_type=F32)
+    return dq, (dk_t, dv_t)
 
 
 # ----------------------------------------------------------------------------- layout helpers
 
 
 def _split_q(x, kv: int, chunk: int):
-    """[b, s, h, ...] -> [s/chunk, b, kv, h/kv, chunk, ...]."""
+    """[b, s, h, ...] -> [s/chunk, b, kv, (h/kv)*chunk, ...]: rows ordered (group head, token)."""
     b, s, h = x.shape[:3]
     rest = x.shape[3:]
     x = x.reshape(b, s // chunk, chunk, kv, h // kv, *rest)
-    return jnp.moveaxis(x, (1, 3, 4, 2), (0, 2, 3, 4))
+    x = jnp.moveaxis(x, (1, 3, 4, 2), (0, 2, 3, 4))
+    return x.reshape(s // chunk, b, kv, (h // kv) * chunk, *rest)
 
 
-def _merge_q(x):
+def _merge_q(x, chunk: int):
     """Inverse of `_split_q`."""
-    n, b, kv, g, c = x.shape[:5]
-    rest = x.shape[5:]
-    return jnp.moveaxis(x, (0, 2, 3, 4), (1, 3, 4, 2)).reshape(b, n * c, kv * g, *rest)
+    n, b, kv, rows = x.shape[:4]
+    rest = x.shape[4:]
+    x = x.reshape(n, b, kv, rows // chunk, chunk, *rest)
+    return jnp.moveaxis(x, (0, 2, 3, 4), (1, 3, 4, 2)).reshape(b, n * chunk, -1, *rest)
 
 
 def _split_kv(x, chunk: int):
@@ -208,13 +221,13 @@ def _merge_kv(x):
     return jnp.moveaxis(x, (0, 2), (1, 3)).reshape(b, n * c, kv, d)
 
 
-def _split_seq(x, chunk: int):
-    """index [s] -> [s/chunk, chunk]; segments [b, s] -> [s/chunk, b, chunk]; None stays None."""
+def _split_seq(x, chunk: int, groups: int = 1):
+    """index [s] -> [s/chunk, groups*chunk]; segments [b, s] -> [s/chunk, b, groups*chunk], the
+    chunk repeated once per group head to label `_split_q`'s rows; None stays None."""
     if x is None:
         return None
-    if x.ndim == 1:
-        return x.reshape(-1, chunk)
-    return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk), 1, 0)
+    x = x.reshape(-1, chunk) if x.ndim == 1 else jnp.moveaxis(x.reshape(x.shape[0], -1, chunk), 1, 0)
+    return jnp.tile(x, (1,) * (x.ndim - 1) + (groups,))
 
 
 # ----------------------------------------------------------------------------- ring core
@@ -260,9 +273,10 @@ def _forward(q, k, v, seg, index, opts: _Options):
     # stores it for every tile: an O(seq^2) buffer. The barrier keeps it inside the tile.
     q, seg, index = lax.optimization_barrier((q, seg, index))
     kv = k.shape[2]
+    g = q.shape[2] // kv
     cq, ck = opts.q_chunk, opts.kv_chunk
     qc = _split_q(_prescale(q, opts), kv, cq)
-    q_side = (qc, _split_seq(index, cq), _split_seq(seg, cq))
+    q_side = (qc, _split_seq(index, cq, g), _split_seq(seg, cq, g))
     o = jnp.zeros_like(qc, F32)
     m = jnp.full_like(qc[..., 0], MASK, F32)
     l = jnp.zeros_like(qc[..., 0], F32)
@@ -276,21 +290,23 @@ def _forward(q, k, v, seg, index, opts: _Options):
 
     o, m, l = _ring_loop(step, (o, m, l), (k, v, seg, index), opts)
     l = jnp.where(l == 0.0, 1.0, l)  # only rows that see nothing (none in causal/self attention)
-    out = _merge_q(o / l[..., None]).astype(q.dtype)
-    lse = m + jnp.log(l)  # [nq, b, kv, g, cq]
+    out = _merge_q(o / l[..., None], cq).astype(q.dtype)
+    lse = m + jnp.log(l)  # [nq, b, kv, g*cq]
     return out, lse
 
 
 def _backward(q, k, v, seg, index, out, lse, dout, opts: _Options):
     dout, seg, index = lax.optimization_barrier((dout, seg, index))  # see _forward
     kv = k.shape[2]
+    g = q.shape[2] // kv
     cq, ck = opts.q_chunk, opts.kv_chunk
     qc, doc = _split_q(_prescale(q, opts), kv, cq), _split_q(dout, kv, cq)
     # delta_i = sum_j p_ij dp_ij = <o_i, do_i>: the softmax-jacobian term, computed once.
     delta = jnp.sum(_split_q(out, kv, cq).astype(F32) * doc.astype(F32), axis=-1)
-    q_side = (qc, doc, lse, delta, _split_seq(index, cq), _split_seq(seg, cq))
+    q_side = (qc, doc, lse, delta, _split_seq(index, cq, g), _split_seq(seg, cq, g))
     dq = jnp.zeros_like(qc, F32)
-    dkv = (jnp.zeros_like(_split_kv(k, ck), F32), jnp.zeros_like(_split_kv(v, ck), F32))
+    dkv_t = jnp.zeros_like(jnp.swapaxes(_split_kv(k, ck), -1, -2), F32)  # [nk, b, kv, d, ck]
+    dkv = (dkv_t, dkv_t)
 
     def step(carry, kv_block):
         dq, dkv = carry
@@ -303,9 +319,9 @@ def _backward(q, k, v, seg, index, out, lse, dout, opts: _Options):
             dkv = _rotate(dkv, opts)
         return dq, dkv
 
-    dq, (dk, dv) = _ring_loop(step, (dq, dkv), (k, v, seg, index), opts)
-    return ((_merge_q(dq) * opts.scale).astype(q.dtype), _merge_kv(dk).astype(k.dtype),
-            _merge_kv(dv).astype(v.dtype))
+    dq, (dk_t, dv_t) = _ring_loop(step, (dq, dkv), (k, v, seg, index), opts)
+    dk, dv = (_merge_kv(jnp.swapaxes(x, -1, -2)) for x in (dk_t, dv_t))
+    return ((_merge_q(dq, cq) * opts.scale).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
