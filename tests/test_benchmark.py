@@ -27,6 +27,15 @@ def test_balance_json_schema_and_goal():
     assert ratio["striped"] <= 1.05 and ratio["zigzag"] <= 1.05 < ratio["contiguous"]
 
 
+def test_layout_json_schema():
+    out = run_bench("layout", "--seq", "512", "--sp", "2", "--chunk", "64", "--repeats", "1")
+    assert out["bench"] == "layout" and out["sp"] == 2
+    assert [(r["impl"], r["layout"]) for r in out["rows"]] == [
+        ("blockwise", "contiguous"), ("ring", "contiguous"), ("ring", "striped"), ("ring", "zigzag")]
+    assert all(r["seconds"] > 0 and r["cpu_utilization"] > 0 for r in out["rows"])
+    assert out["rows"][1]["time_vs_contiguous_ring"] == 1.0
+
+
 def test_attention_rows():
     out = benchmark.attention_speed(seq=256, sp=4, heads=2, kv_heads=1, head_dim=16, chunk=32,
                                     repeats=1)
@@ -36,6 +45,9 @@ def test_attention_rows():
     for r in out["rows"]:
         assert r["seconds"] > 0 and r["fraction_of_matmul_peak"] > 0
     assert out["attention_flops"] == benchmark.causal_attention_flops(1, 256, 2, 16)
+    single = benchmark.attention_speed(seq=256, sp=1, heads=2, kv_heads=1, head_dim=16, chunk=32,
+                                       repeats=1, include_dense=False)
+    assert [r["impl"] for r in single["rows"]] == ["blockwise"]  # a ring of one is blockwise
 
 
 def test_memory_bisection_finds_the_boundary():
