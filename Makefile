@@ -30,6 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench.py memory --json
 	$(PY) scripts/bench.py balance --json
+	$(PY) scripts/bench.py layout --json
 	$(PY) scripts/bench.py attention --json
 	$(PY) scripts/bench.py step --json
 
