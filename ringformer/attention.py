@@ -32,7 +32,9 @@ from jax.sharding import PartitionSpec as P
 from ringformer import layout as layouts
 
 IMPLS = ("ring", "blockwise", "dense")
-DEFAULT_CHUNK = 512
+# Tuned on the CPU backend (docs/BENCHMARKS.md): taller query chunks amortise each key chunk's
+# slicing and the per-tile loop overhead over more rows; 1024 x 512 beat 512 x 512 by ~10%.
+DEFAULT_Q_CHUNK, DEFAULT_KV_CHUNK = 1024, 512
 # A finite "minus infinity": exp(MASK - m) underflows to 0 without inf - inf = nan.
 MASK = -1e30
 F32 = jnp.float32
@@ -345,7 +347,8 @@ _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
 
 
 def _chunk(requested: int | None, length: int, name: str) -> int:
-    c = min(DEFAULT_CHUNK if requested is None else requested, length)
+    default = DEFAULT_Q_CHUNK if name == "q_chunk" else DEFAULT_KV_CHUNK
+    c = min(default if requested is None else requested, length)
     if c <= 0 or length % c:
         divisors = [d for d in (64, 128, 256, 512, 1024, 2048) if length % d == 0] or [length]
         raise ValueError(f"{name}={requested} does not divide the local block of {length} tokens;"
@@ -362,7 +365,8 @@ def ring_attention(q, k, v, *, axis_name: str | None = "sp", causal: bool = True
     segment_ids: [b, L] ints (packed documents never attend across ids) or None;
     token_index: [L] natural positions of the local tokens (default: contiguous blocks, device
     i holding [i*L, (i+1)*L)); it travels with k/v so the causal mask is exact for any layout.
-    Chunks tile the local block (default min(L, 512)). Returns [b, L, h, d] in q's dtype;
+    Chunks tile the local block (default min(L, 1024) query x min(L, 512) key tokens).
+    Returns [b, L, h, d] in q's dtype;
     scores, softmax statistics and accumulators are fp32. Differentiable (custom VJP).
     With axis_name=None this is single-device blockwise attention.
     """
@@ -437,7 +441,8 @@ def attention_in_layout(q, k, v, *, mesh: Mesh | None, impl: str = "ring", causa
         # A tile that straddles a device's two zigzag halves spans the whole sequence and can
         # never be skipped; chunks within a half keep the causal skipping intact.
         half = s // n_sp // 2
-        q_chunk, kv_chunk = (min(DEFAULT_CHUNK if c is None else c, half) for c in (q_chunk, kv_chunk))
+        q_chunk, kv_chunk = (min(default if c is None else c, half) for c, default in
+                             ((q_chunk, DEFAULT_Q_CHUNK), (kv_chunk, DEFAULT_KV_CHUNK)))
 
     def local(q, k, v, seg, idx):
         if impl == "dense":

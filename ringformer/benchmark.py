@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ringformer import layout as layouts
-from ringformer.attention import attention, tile_counts
+from ringformer.attention import DEFAULT_KV_CHUNK, DEFAULT_Q_CHUNK, attention, tile_counts
 from ringformer.mesh import make_mesh
 
 
@@ -82,25 +82,34 @@ def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> f
     return 6 * full_matmul / 2
 
 
+def chunks_for(chunk: int | None, local: int, layout: str, n_sp: int) -> tuple[int, int]:
+    """The (q_chunk, kv_chunk) the kernel runs with: `chunk` for both, or the kernel's defaults,
+    capped by the local block (by its halves for zigzag, as `attention_in_layout` does)."""
+    cap = local // 2 if layout == "zigzag" and n_sp > 1 else local
+    return tuple(min(chunk or default, cap) for default in (DEFAULT_Q_CHUNK, DEFAULT_KV_CHUNK))
+
+
 def attention_speed(*, seq: int = 8192, sp: int = 8, heads: int = 8, kv_heads: int = 8,
-                    head_dim: int = 64, batch: int = 1, chunk: int = 512, layout: str = "zigzag",
-                    include_dense: bool = True, repeats: int = 2) -> dict:
-    """Forward+backward time of causal attention: ring over sp, blockwise and dense on one device."""
+                    head_dim: int = 64, batch: int = 1, chunk: int | None = None,
+                    layout: str = "zigzag", include_dense: bool = True, repeats: int = 2) -> dict:
+    """Forward+backward time of causal attention: ring over sp, blockwise and dense on one device.
+    `chunk=None` runs the kernel's default chunks."""
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), jnp.float32)
 
     def fwd_bwd(impl, mesh, lay, c):
-        loss = lambda q, k, v: jnp.sum(attention(q, k, v, mesh=mesh, impl=impl, q_chunk=c,
-                                                  kv_chunk=c, layout=lay))
+        loss = lambda q, k, v: jnp.sum(attention(q, k, v, mesh=mesh, impl=impl, q_chunk=c[0],
+                                                  kv_chunk=c[1], layout=lay))
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
     flops = causal_attention_flops(batch, seq, heads, head_dim)
-    cases = [("ring", sp, layout, min(chunk, seq // sp)), ("ring", sp, "contiguous", min(chunk, seq // sp))]
-    cases = [*(cases if sp > 1 else []), ("blockwise", 1, "contiguous", chunk)]  # a ring of 1 is blockwise
+    ring = [("ring", sp, lay, chunks_for(chunk, seq // sp, lay, sp)) for lay in (layout, "contiguous")]
+    single = chunks_for(chunk, seq, "contiguous", 1)
+    cases = [*(ring if sp > 1 else []), ("blockwise", 1, "contiguous", single)]  # a ring of 1 is blockwise
     if include_dense:
-        cases.append(("dense", 1, "contiguous", chunk))
+        cases.append(("dense", 1, "contiguous", single))
     rows, peaks = [], []
     for impl, n, lay, c in cases:
         mesh = _mesh(sp=n)
@@ -108,7 +117,8 @@ def attention_speed(*, seq: int = 8192, sp: int = 8, heads: int = 8, kv_heads: i
         # a single early measurement taken in a quiet moment (or a busy one) skews every fraction.
         peaks.append(matmul_flops_per_sec())
         t = time_fn(fwd_bwd(impl, mesh, lay, c), q, k, v, repeats=repeats)
-        rows.append({"impl": impl, "sp": n, "layout": lay, "chunk": c, "seconds": round(t, 4),
+        rows.append({"impl": impl, "sp": n, "layout": lay, "q_chunk": c[0], "kv_chunk": c[1],
+                     "seconds": round(t, 4),
                      "tflops": round(flops / t / 1e12, 5)})
     peak = max(*peaks, matmul_flops_per_sec())
     for r in rows:

@@ -28,7 +28,8 @@ def main() -> None:
                    help="ring size (default 8; for layout, the number of CPU cores)")
     p.add_argument("--shape", default=None, help="model shape: tiny, small or 125m")
     p.add_argument("--budget_gib", type=float, default=2.0, help="memory budget per device")
-    p.add_argument("--chunk", type=int, default=512, help="attention chunk")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="attention chunk (default: 512; attention: the kernel's, 1024 x 512)")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     if a.bench == "layout":
@@ -50,9 +51,9 @@ def main() -> None:
     elif a.bench == "attention":
         out = b.attention_speed(sp=a.sp, chunk=a.chunk, repeats=a.repeats, **kw)
     elif a.bench == "balance":
-        out = b.balance(sp=a.sp, chunk=a.chunk, **({"seq_len": a.seq} if a.seq else {}))
+        out = b.balance(sp=a.sp, chunk=a.chunk or 512, **({"seq_len": a.seq} if a.seq else {}))
     elif a.bench == "layout":
-        out = b.layout_speed(sp=a.sp, chunk=a.chunk, repeats=a.repeats, **kw)
+        out = b.layout_speed(sp=a.sp, chunk=a.chunk or 512, repeats=a.repeats, **kw)
     elif a.bench == "step":
         out = b.step_speed(shape=a.shape or "tiny", sp=a.sp, repeats=a.repeats, **kw)
     elif a.bench == "hlo":
