@@ -346,9 +346,17 @@ def _ring_core_bwd(opts: _Options, res, dout):
 _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
 
 
-def _chunk(requested: int | None, length: int, name: str) -> int:
-    default = DEFAULT_Q_CHUNK if name == "q_chunk" else DEFAULT_KV_CHUNK
-    c = min(default if requested is None else requested, length)
+def chunk_sizes(local: int, *, q_chunk: int | None = None, kv_chunk: int | None = None,
+                zigzag_halves: bool = False) -> tuple[int, int]:
+    """The (q_chunk, kv_chunk) the kernel runs with on a local block of `local` tokens: the
+    requested sizes or the defaults, capped at the block, or at its halves for a zigzag ring
+    (a tile straddling the two halves spans the whole sequence and could never be skipped)."""
+    cap = local // 2 if zigzag_halves else local
+    return (min(DEFAULT_Q_CHUNK if q_chunk is None else q_chunk, cap),
+            min(DEFAULT_KV_CHUNK if kv_chunk is None else kv_chunk, cap))
+
+
+def _check_chunk(c: int, requested: int | None, length: int, name: str) -> int:
     if c <= 0 or length % c:
         divisors = [d for d in (64, 128, 256, 512, 1024, 2048) if length % d == 0] or [length]
         raise ValueError(f"{name}={requested} does not divide the local block of {length} tokens;"
@@ -375,8 +383,9 @@ def ring_attention(q, k, v, *, axis_name: str | None = "sp", causal: bool = True
         raise ValueError(f"k/v shape {k.shape}/{v.shape} does not match q {q.shape}")
     if h % k.shape[2]:
         raise ValueError(f"heads={h} is not divisible by kv_heads={k.shape[2]}")
-    opts = _Options(axis_name, causal, _chunk(q_chunk, length, "q_chunk"),
-                    _chunk(kv_chunk, length, "kv_chunk"),
+    cq, ck = chunk_sizes(length, q_chunk=q_chunk, kv_chunk=kv_chunk)
+    opts = _Options(axis_name, causal, _check_chunk(cq, q_chunk, length, "q_chunk"),
+                    _check_chunk(ck, kv_chunk, length, "kv_chunk"),
                     1.0 / math.sqrt(d) if scale is None else float(scale))
     if token_index is None:
         rank = 0 if axis_name is None else lax.axis_index(axis_name)
@@ -438,11 +447,8 @@ def attention_in_layout(q, k, v, *, mesh: Mesh | None, impl: str = "ring", causa
     index = jnp.asarray(layouts.permutation(layout, s, n_sp), jnp.int32)
 
     if impl == "ring" and layout == "zigzag" and n_sp > 1:
-        # A tile that straddles a device's two zigzag halves spans the whole sequence and can
-        # never be skipped; chunks within a half keep the causal skipping intact.
-        half = s // n_sp // 2
-        q_chunk, kv_chunk = (min(default if c is None else c, half) for c, default in
-                             ((q_chunk, DEFAULT_Q_CHUNK), (kv_chunk, DEFAULT_KV_CHUNK)))
+        q_chunk, kv_chunk = chunk_sizes(s // n_sp, q_chunk=q_chunk, kv_chunk=kv_chunk,
+                                        zigzag_halves=True)
 
     def local(q, k, v, seg, idx):
         if impl == "dense":

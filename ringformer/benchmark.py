@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ringformer import layout as layouts
-from ringformer.attention import DEFAULT_KV_CHUNK, DEFAULT_Q_CHUNK, attention, tile_counts
+from ringformer.attention import attention, chunk_sizes, tile_counts
 from ringformer.mesh import make_mesh
 
 
@@ -82,11 +82,24 @@ def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> f
     return 6 * full_matmul / 2
 
 
-def chunks_for(chunk: int | None, local: int, layout: str, n_sp: int) -> tuple[int, int]:
-    """The (q_chunk, kv_chunk) the kernel runs with: `chunk` for both, or the kernel's defaults,
-    capped by the local block (by its halves for zigzag, as `attention_in_layout` does)."""
-    cap = local // 2 if layout == "zigzag" and n_sp > 1 else local
-    return tuple(min(chunk or default, cap) for default in (DEFAULT_Q_CHUNK, DEFAULT_KV_CHUNK))
+def _random_qkv(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int):
+    rng = np.random.default_rng(0)
+    return tuple(jnp.asarray(rng.standard_normal((batch, seq, h, head_dim)), jnp.float32)
+                 for h in (heads, kv_heads, kv_heads))
+
+
+def _attention_grad(mesh, impl: str, layout: str, chunks: tuple[int | None, int | None]):
+    """Jitted gradient (dq, dk, dv) of sum(attention): one forward and one backward pass."""
+    def loss(q, k, v):
+        return jnp.sum(attention(q, k, v, mesh=mesh, impl=impl, q_chunk=chunks[0],
+                                 kv_chunk=chunks[1], layout=layout))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _chunks(chunk: int | None, local: int, layout: str, n_sp: int) -> tuple[int, int]:
+    """What the kernel runs with for `chunk` (None: its defaults), as reported in the rows."""
+    return chunk_sizes(local, q_chunk=chunk, kv_chunk=chunk,
+                       zigzag_halves=layout == "zigzag" and n_sp > 1)
 
 
 def attention_speed(*, seq: int = 8192, sp: int = 8, heads: int = 8, kv_heads: int = 8,
@@ -94,19 +107,10 @@ def attention_speed(*, seq: int = 8192, sp: int = 8, heads: int = 8, kv_heads: i
                     layout: str = "zigzag", include_dense: bool = True, repeats: int = 2) -> dict:
     """Forward+backward time of causal attention: ring over sp, blockwise and dense on one device.
     `chunk=None` runs the kernel's default chunks."""
-    rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((batch, seq, heads, head_dim)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((batch, seq, kv_heads, head_dim)), jnp.float32)
-
-    def fwd_bwd(impl, mesh, lay, c):
-        loss = lambda q, k, v: jnp.sum(attention(q, k, v, mesh=mesh, impl=impl, q_chunk=c[0],
-                                                  kv_chunk=c[1], layout=lay))
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
+    q, k, v = _random_qkv(batch, seq, heads, kv_heads, head_dim)
     flops = causal_attention_flops(batch, seq, heads, head_dim)
-    ring = [("ring", sp, lay, chunks_for(chunk, seq // sp, lay, sp)) for lay in (layout, "contiguous")]
-    single = chunks_for(chunk, seq, "contiguous", 1)
+    ring = [("ring", sp, lay, _chunks(chunk, seq // sp, lay, sp)) for lay in (layout, "contiguous")]
+    single = _chunks(chunk, seq, "contiguous", 1)
     cases = [*(ring if sp > 1 else []), ("blockwise", 1, "contiguous", single)]  # a ring of 1 is blockwise
     if include_dense:
         cases.append(("dense", 1, "contiguous", single))
@@ -116,7 +120,7 @@ def attention_speed(*, seq: int = 8192, sp: int = 8, heads: int = 8, kv_heads: i
         # The yardstick is re-measured next to every row and its best kept: on a shared machine
         # a single early measurement taken in a quiet moment (or a busy one) skews every fraction.
         peaks.append(matmul_flops_per_sec())
-        t = time_fn(fwd_bwd(impl, mesh, lay, c), q, k, v, repeats=repeats)
+        t = time_fn(_attention_grad(mesh, impl, lay, c), q, k, v, repeats=repeats)
         rows.append({"impl": impl, "sp": n, "layout": lay, "q_chunk": c[0], "kv_chunk": c[1],
                      "seconds": round(t, 4),
                      "tflops": round(flops / t / 1e12, 5)})
@@ -140,20 +144,11 @@ def layout_speed(*, seq: int = 8192, sp: int | None = None, heads: int = 8, head
     device, and the balance of `balance()` shows up as time. Blockwise on one device is the
     reference (it uses every core through intra-op threads)."""
     sp = jax.device_count() if sp is None else sp
-    rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((1, seq, heads, head_dim)), jnp.float32)
-               for _ in range(3))
+    q, k, v = _random_qkv(1, seq, heads, heads, head_dim)
     cases = [("blockwise", 1, "contiguous"), *(("ring", sp, lay) for lay in layouts.LAYOUTS)]
-
-    def fwd_bwd(mesh, impl, lay):
-        def loss(q, k, v):
-            return jnp.sum(attention(q, k, v, mesh=mesh, impl=impl, q_chunk=chunk, kv_chunk=chunk,
-                                     layout=lay))
-        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
     fns = {}
     for impl, n, lay in cases:
-        fns[impl, lay] = fwd_bwd(_mesh(sp=n), impl, lay)
+        fns[impl, lay] = _attention_grad(_mesh(sp=n), impl, lay, (chunk, chunk))
         jax.block_until_ready(fns[impl, lay](q, k, v))
     best = {key: (float("inf"), 0.0) for key in fns}
     for _ in range(repeats):  # round-robin, so a noisy moment does not land on one layout only
@@ -178,10 +173,9 @@ def layout_speed(*, seq: int = 8192, sp: int | None = None, heads: int = 8, head
 def ring_hlo_report(*, seq: int = 4096, sp: int = 8, heads: int = 8, head_dim: int = 64) -> dict:
     """Read the compiled HLO of ring attention's gradient: are the collective-permutes
     asynchronous (start/done pairs) and is there compute scheduled between start and done?"""
-    mesh = _mesh(sp=sp)
     s = jax.ShapeDtypeStruct((1, seq, heads, head_dim), jnp.float32)
-    loss = lambda q, k, v: jnp.sum(attention(q, k, v, mesh=mesh, q_chunk=512, kv_chunk=512))
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(s, s, s).compile().as_text()
+    grad = _attention_grad(_mesh(sp=sp), "ring", "contiguous", (512, 512))
+    text = grad.lower(s, s, s).compile().as_text()
     lines = text.splitlines()
     starts = [i for i, ln in enumerate(lines) if "collective-permute-start" in ln and "=" in ln]
     sync = sum(1 for ln in lines if " collective-permute(" in ln)
@@ -325,11 +319,11 @@ def step_speed(*, shape: str = "tiny", seq: int = 8192, sp: int = 8, repeats: in
         peaks.append(matmul_flops_per_sec())  # best of several, as in attention_speed
         t = time_train_step(c, {"sp": n}, seq, repeats=repeats)
         rows.append({"impl": impl, "sp": n, "seconds_per_step": round(t, 4),
-                     "tokens_per_sec": round(seq / t, 1),
-                     "flops_per_token": metrics.flops_per_token(c.model, seq)})
+                     "tokens_per_sec": round(seq / t, 1)})
     peak = max(*peaks, matmul_flops_per_sec())
+    flops_per_token = metrics.flops_per_token(bench_model_config(shape).model, seq)  # same model
     for r in rows:
-        r["mfu"] = round(metrics.mfu(r["tokens_per_sec"], r.pop("flops_per_token"), 1, peak), 4)
+        r["mfu"] = round(metrics.mfu(r["tokens_per_sec"], flops_per_token, 1, peak), 4)
     rows[1]["ring_overhead"] = round(rows[1]["seconds_per_step"] / rows[0]["seconds_per_step"] - 1, 4)
     return {"bench": "step", "model": shape, "seq": seq, "matmul_flops_per_sec": peak,
             "mfu_note": "virtual CPU devices share the machine's cores: MFU is against the "

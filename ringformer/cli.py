@@ -30,8 +30,6 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's own error path prints usage and a second line; ours is one `error:` line."""
 
     def error(self, message: str):
-        from ringformer.errors import ConfigError
-
         raise ConfigError(message, "see --help")
 
 

@@ -17,6 +17,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 REMAT_POLICIES = ("none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("dp", "fsdp", "sp", "tp")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -106,9 +107,20 @@ def _choice(value, choices, name: str) -> None:
           f"set --config.{name} to one of them")
 
 
+def parse_mesh_flag(text: str) -> dict[str, int]:
+    """Parse `dp=1,fsdp=1,sp=4,tp=1` (missing axes default to 1, one may be -1)."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in sizes or not value.lstrip("-").isdigit():
+            raise ConfigError(f"bad --mesh entry {part!r}", "write e.g. --mesh dp=1,fsdp=1,sp=4,tp=1")
+        sizes[name] = int(value)
+    return sizes
+
+
 def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
     """Resolve -1 in (dp, fsdp, sp, tp) against the device count; raise ConfigError if it cannot fit."""
-    names = ("dp", "fsdp", "sp", "tp")
+    names = MESH_AXES
     sizes = {n: int(mesh_cfg[n]) for n in names}
     fill = [n for n in names if sizes[n] == -1]
     _need(len(fill) <= 1, f"mesh has -1 in {len(fill)} axes ({', '.join(fill)})",

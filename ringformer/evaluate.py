@@ -217,6 +217,8 @@ class Evaluator:
         width = max(len(ids) - start for ids, start in rows)
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         groups: dict[int, list[int]] = {}
+        rep = (lambda x: jnp.asarray(x)) if self.mesh is None else \
+            (lambda x: jax.device_put(x, sharding.replicated(self.mesh)))
         for i, (ids, _) in enumerate(rows):
             groups.setdefault(self._answer_shape(len(ids))[0], []).append(i)
         for members in groups.values():
@@ -235,8 +237,6 @@ class Evaluator:
                     index[r, :n] = inv[np.arange(start - 1, len(ids) - 1)]  # their predictors
                     answer[r, :n] = ids[start:]
                 batch = self._device({k: host[k] for k in ("tokens", "positions")}, perm)
-                rep = (lambda x: jnp.asarray(x)) if self.mesh is None else \
-                    (lambda x: jax.device_put(x, sharding.replicated(self.mesh)))
                 batch.update(index=rep(index), answer=rep(answer))
                 logp, best = (np.asarray(x) for x in jax.device_get(fn(self.params, batch)))
                 for r, i in enumerate(chunk):
@@ -288,10 +288,10 @@ def position_bucket(i: np.ndarray) -> np.ndarray:
 
 def loss_by_position(sums: np.ndarray, counts: np.ndarray, context: int) -> list[dict]:
     """Buckets {start, end, loss, tokens} from per-window-index NLL sums and counts."""
-    idx = np.arange(len(sums))
+    buckets = position_bucket(np.arange(len(sums)))
     out = []
-    for b in np.unique(position_bucket(idx)):
-        sel = position_bucket(idx) == b
+    for b in np.unique(buckets):
+        sel = buckets == b
         n = float(counts[sel].sum())
         if n:
             start = 0 if b == 0 else 2 ** (int(b) - 1)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import faulthandler
 import os
+import sys
 import threading
+import time
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ringformer.config import mesh_shape
+# parse_mesh_flag lives with the config (no jax import), so scripts parse --mesh before jax.
+from ringformer.config import MESH_AXES, mesh_shape
+from ringformer.config import parse_mesh_flag as parse_mesh_flag
+from ringformer.errors import UserError
 
-AXES = ("dp", "fsdp", "sp", "tp")
+AXES = MESH_AXES
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -34,19 +41,6 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     except Exception:  # virtual CPU devices or an irregular slice: plain order is fine there
         grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(grid, AXES)
-
-
-def parse_mesh_flag(text: str) -> dict[str, int]:
-    """Parse `dp=1,fsdp=1,sp=4,tp=1` (missing axes default to 1, one may be -1)."""
-    from ringformer.errors import ConfigError
-
-    sizes = {a: 1 for a in AXES}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
-        if name not in sizes or not value.lstrip("-").isdigit():
-            raise ConfigError(f"bad --mesh entry {part!r}", "write e.g. --mesh dp=1,fsdp=1,sp=4,tp=1")
-        sizes[name] = int(value)
-    return sizes
 
 
 # Bounds on JAX's distributed runtime, in seconds (env overrides for tests and slow clusters).
@@ -110,8 +104,6 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         else:
             jax.distributed.initialize(**timeouts)
     except Exception as e:  # unreachable coordinator, missing peers, bad ids, busy port
-        from ringformer.errors import UserError
-
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = (f"coordinator {coordinator_address}, process {process_id} of {num_processes}"
                  if explicit else "auto-detected cluster")
@@ -137,10 +129,6 @@ def _start_watchdog() -> None:
     this it would wait until the heartbeat timeout and then die with a message that does not
     say what went wrong. The poll is one small RPC a second.
     """
-    import atexit
-    import faulthandler
-    import sys
-
     global _watchdog
     stop = threading.Event()
     # A peer vanishing mid-collective can crash the collective library itself; a Python
@@ -192,8 +180,6 @@ def distributed_watchdog():
 def _hard_exit(code: int):
     """Exit now, skipping atexit and so JAX's shutdown barrier, which would wait (up to its
     timeout) for peers that are leaving too."""
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -201,9 +187,6 @@ def _hard_exit(code: int):
 
 def _follow(client, me: int, published: str):
     """Leave because another process failed: show its error, confirm, exit with its status."""
-    import sys
-    import time
-
     _exit_lock.acquire()  # once per process (watchdog or main thread); never released
     who, code, message = published.split("\n", 2)
     print(f"error: process {who} of {jax.process_count()} failed, stopping process {me}: "
@@ -229,8 +212,6 @@ def stop_peers(message: str, code: int, *, wait_s: float = 10.0) -> None:
     another process failed first, this one follows that error instead and does not return.
     A no-op on one process.
     """
-    import time
-
     if _watchdog is None or jax.process_count() < 2:
         return
     client, me, n = _client(), jax.process_index(), jax.process_count()

@@ -248,7 +248,6 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
         latest = checkpointer.latest_valid_step()
         if latest is not None:
             _check_compatible(checkpointer.read_json(latest)[1], config)
-        if latest is not None:
             # Restored straight onto the shardings: no initialised state is built and dropped.
             state, data_state, _ = checkpointer.restore(
                 latest, abstract_state(model_cfg, tx, mesh))

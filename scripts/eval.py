@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags
 
 from ringformer.cli import devices_for_mesh, ensure_cpu_devices, parse_flags, run_main
+from ringformer.config import parse_mesh_flag
 from ringformer.errors import ConfigError
 
 flags.DEFINE_string("workdir", None, "Training run to evaluate (its newest checkpoint).")
@@ -65,12 +66,10 @@ def main() -> None:
         if not FLAGS[name].value:
             raise ConfigError(f"no --{name} given", "see the usage at the top of scripts/eval.py")
     # Before jax is imported (ringformer.mesh imports it): a CPU host gets the devices the
-    # mesh asks for, 8 by default. A malformed --mesh is reported by parse_mesh_flag below.
-    rough = {"dp": 1, "fsdp": 1, "sp": 1 if FLAGS.mesh else -1, "tp": 1}
-    for name, _, value in (p.partition("=") for p in (FLAGS.mesh or "").split(",")):
-        if name.strip() in rough and value.strip().lstrip("-").isdigit():
-            rough[name.strip()] = int(value)
-    ensure_cpu_devices(devices_for_mesh(rough, FLAGS.num_processes or 1))
+    # mesh asks for, 8 by default.
+    sizes = parse_mesh_flag(FLAGS.mesh) if FLAGS.mesh else None
+    ensure_cpu_devices(devices_for_mesh(sizes or {"dp": 1, "fsdp": 1, "sp": -1, "tp": 1},
+                                        FLAGS.num_processes or 1))
     try:
         lengths = [int(x) for x in FLAGS.passkey_lengths or []]
         depths = [float(x) for x in FLAGS.passkey_depths]
@@ -78,9 +77,8 @@ def main() -> None:
         raise ConfigError(f"bad passkey lengths or depths: {e}", "use e.g. 1024,4096") from None
 
     from ringformer.evaluate import run
-    from ringformer.mesh import initialize_distributed, parse_mesh_flag
+    from ringformer.mesh import initialize_distributed
 
-    sizes = parse_mesh_flag(FLAGS.mesh) if FLAGS.mesh else None
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     r = run(data=FLAGS.data, context=FLAGS.context, out=FLAGS.out, workdir=FLAGS.workdir,
             step=FLAGS.step, hf_dir=FLAGS.hf, stride=FLAGS.stride, mesh_sizes=sizes,
