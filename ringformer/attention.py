@@ -235,6 +235,12 @@ def _split_seq(x, chunk: int, groups: int = 1):
 # ----------------------------------------------------------------------------- ring core
 
 
+def _kv_side(k, v, seg, index, chunk: int):
+    """The key/value block in chunk layout, built once: the ring sends it on in that layout,
+    so a step works on the block it receives as it arrives."""
+    return _split_kv(k, chunk), _split_kv(v, chunk), _split_seq(index, chunk), _split_seq(seg, chunk)
+
+
 def _ring_size(opts: _Options) -> int:
     return 1 if opts.axis_name is None else lax.axis_size(opts.axis_name)
 
@@ -283,14 +289,11 @@ def _forward(q, k, v, seg, index, opts: _Options):
     m = jnp.full_like(qc[..., 0], MASK, F32)
     l = jnp.zeros_like(qc[..., 0], F32)
 
-    def step(acc, kv_block):
-        k_b, v_b, seg_b, idx_b = kv_block
-        kv_side = (_split_kv(k_b, ck), _split_kv(v_b, ck), _split_seq(idx_b, ck),
-                   _split_seq(seg_b, ck))
+    def step(acc, kv_side):
         acc, _ = _sweep(functools.partial(_fwd_tile, opts=opts), q_side, kv_side, acc, (), opts)
         return acc
 
-    o, m, l = _ring_loop(step, (o, m, l), (k, v, seg, index), opts)
+    o, m, l = _ring_loop(step, (o, m, l), _kv_side(k, v, seg, index, ck), opts)
     l = jnp.where(l == 0.0, 1.0, l)  # only rows that see nothing (none in causal/self attention)
     out = _merge_q(o / l[..., None], cq).astype(q.dtype)
     lse = m + jnp.log(l)  # [nq, b, kv, g*cq]
@@ -310,18 +313,15 @@ def _backward(q, k, v, seg, index, out, lse, dout, opts: _Options):
     dkv_t = jnp.zeros_like(jnp.swapaxes(_split_kv(k, ck), -1, -2), F32)  # [nk, b, kv, d, ck]
     dkv = (dkv_t, dkv_t)
 
-    def step(carry, kv_block):
+    def step(carry, kv_side):
         dq, dkv = carry
-        k_b, v_b, seg_b, idx_b = kv_block
-        kv_side = (_split_kv(k_b, ck), _split_kv(v_b, ck), _split_seq(idx_b, ck),
-                   _split_seq(seg_b, ck))
         dq, dkv = _sweep(functools.partial(_bwd_tile, opts=opts), q_side, kv_side, dq, dkv, opts)
         # dk/dv follow their block around the ring; after n hops they are back home.
         if _ring_size(opts) > 1:
             dkv = _rotate(dkv, opts)
         return dq, dkv
 
-    dq, (dk_t, dv_t) = _ring_loop(step, (dq, dkv), (k, v, seg, index), opts)
+    dq, (dk_t, dv_t) = _ring_loop(step, (dq, dkv), _kv_side(k, v, seg, index, ck), opts)
     dk, dv = (_merge_kv(jnp.swapaxes(x, -1, -2)) for x in (dk_t, dv_t))
     return ((_merge_q(dq, cq) * opts.scale).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
 
