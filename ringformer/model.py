@@ -198,11 +198,43 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
 # ----------------------------------------------------------------------------- building blocks
 
 
+def _inv_rms(x32, eps: float):
+    return lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x, weight, eps: float):
-    """RMSNorm in fp32 (the mean of squares of bf16 activations loses too much), cast back."""
-    x32 = x.astype(F32)
-    y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return (y * weight.astype(F32)).astype(x.dtype)
+    """RMSNorm in fp32 (the mean of squares of bf16 activations loses too much), cast back.
+
+    The gradient is written out by hand so the backward keeps only x and the per-token
+    1/rms: autodiff of the two broadcasting multiplies saves 1/rms and the weight broadcast
+    to x's full shape, two [b, s, dim] fp32 buffers per norm alive at the step's peak.
+    """
+    return (x.astype(F32) * _inv_rms(x.astype(F32), eps) * weight.astype(F32)).astype(x.dtype)
+
+
+def _rms_norm_fwd(x, weight, eps: float):
+    r = _inv_rms(x.astype(F32), eps)
+    return (x.astype(F32) * r * weight.astype(F32)).astype(x.dtype), (x, weight, r)
+
+
+def _rms_norm_bwd(eps: float, res, dy):
+    # The barrier (tied to dy, so it cannot run early) keeps the broadcasts of r and the
+    # weight below from being shared with the forward's (CSE) or scheduled early: either way
+    # they would sit materialised, [b, s, dim] each, from the recomputed forward until here.
+    x, weight, r, dy = lax.optimization_barrier((*res, dy))
+    x32, g = x.astype(F32), dy.astype(F32)
+    gw = g * weight.astype(F32)
+    # d/dx [x r w] with r = (mean(x^2) + eps)^-1/2: r (g w) - x r^3 mean(g w x). The per-token
+    # factors are combined before they meet [b, s, dim] tensors, and dw contracts r as a
+    # matmul operand, so no [b, s, dim] broadcast of r is ever materialised.
+    c = r * jnp.square(r) * jnp.mean(gw * x32, axis=-1, keepdims=True)
+    dx = r * gw - c * x32
+    dw = jnp.einsum("...t,...td->d", r[..., 0], g * x32)
+    return dx.astype(x.dtype), dw.astype(weight.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
