@@ -90,29 +90,11 @@ def single_device_grads(llama, tokens):
     return _loss_and_grads(cfg, params, _packed_batch(tokens), None)
 
 
-def test_loss_fn_matches_transformers_loss(llama, tokens, single_device_grads):
-    """Mean packed-document loss equals HF's next-token loss over each document alone."""
+def _hf_document_loss(ref, tokens):
+    """HF's mean next-token loss over each of `_packed_batch`'s documents alone, as a torch
+    scalar that can be differentiated."""
     import torch
 
-    ref, _, _ = llama
-    total, count = 0.0, 0
-    for lo, hi in ((0, 40), (40, 64)):
-        logits = torch.as_tensor(hf_logits(ref, tokens[:, lo:hi]))[:, :-1]
-        target = torch.as_tensor(tokens[:, lo + 1:hi])
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, VOCAB), target.reshape(-1), reduction="sum").item()
-        count += target.numel()
-    np.testing.assert_allclose(single_device_grads[0], total / count, rtol=1e-5)
-
-
-def test_gradients_match_transformers(llama, tokens, single_device_grads, tmp_path):
-    """Every parameter's gradient equals torch autograd's through transformers' LLaMA: an
-    independent check of the hand-written backward passes (attention, RMSNorm)."""
-    import torch
-    from safetensors.numpy import load_file
-
-    ref, cfg, _ = llama
-    ref.zero_grad()
     total, count = 0.0, 0
     for lo, hi in ((0, 40), (40, 64)):
         logits = ref(torch.as_tensor(np.asarray(tokens[:, lo:hi], np.int64))).logits[:, :-1]
@@ -120,7 +102,24 @@ def test_gradients_match_transformers(llama, tokens, single_device_grads, tmp_pa
         total = total + torch.nn.functional.cross_entropy(
             logits.reshape(-1, VOCAB), target.reshape(-1), reduction="sum")
         count += target.numel()
-    (total / count).backward()
+    return total / count
+
+
+def test_loss_fn_matches_transformers_loss(llama, tokens, single_device_grads):
+    """Mean packed-document loss equals HF's next-token loss over each document alone."""
+    ref, _, _ = llama
+    np.testing.assert_allclose(single_device_grads[0], _hf_document_loss(ref, tokens).item(),
+                               rtol=1e-5)
+
+
+def test_gradients_match_transformers(llama, tokens, single_device_grads, tmp_path):
+    """Every parameter's gradient equals torch autograd's through transformers' LLaMA: an
+    independent check of the hand-written backward passes (attention, RMSNorm)."""
+    from safetensors.numpy import load_file
+
+    ref, cfg, _ = llama
+    ref.zero_grad()
+    _hf_document_loss(ref, tokens).backward()
     # save_llama's name and layout mapping applies to a gradient tree as to parameters.
     hf.save_llama(cfg, single_device_grads[1], str(tmp_path))
     ours = load_file(str(tmp_path / "model.safetensors"))
