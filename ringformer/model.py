@@ -282,26 +282,41 @@ def _use(w, names: tuple[str, ...], dtype, mesh: Mesh | None):
     return sharding.constrain(w.astype(dtype), names, mesh)
 
 
-def _mlp(cfg: ModelConfig, mesh: Mesh | None, x, lp):
-    """SwiGLU over sequence chunks: live activations are [b, chunk, ffn], not [b, s, ffn]."""
+def _mlp_block(cfg: ModelConfig, mesh: Mesh | None, x, lp):
+    """x + SwiGLU(RMSNorm(x)), over sequence chunks: live activations are [b, chunk, ffn].
+
+    Every part is token-wise, so each chunk is read from the residual stream and its result
+    written back in place: the step holds no normed copy of x, no stacked chunk inputs or
+    outputs, and no zero-filled output buffer, only x and one chunk's work. Chunks are strided
+    (chunk j = tokens i*n + j, as `sharding.split_seq_chunks`) so each stays spread evenly over
+    the sp devices and the loop needs no communication.
+    """
     dt = jnp.dtype(cfg.dtype)
     wg = _use(lp["w_gate"], ("embed", "mlp"), dt, mesh)
     wu = _use(lp["w_up"], ("embed", "mlp"), dt, mesh)
     wd = _use(lp["w_down"], ("mlp", "embed"), dt, mesh)
 
-    def chunk_fn(carry, xc):
-        g = checkpoint_name(jnp.einsum("bcd,df->bcf", xc, wg), "mlp_gate")
-        u = checkpoint_name(jnp.einsum("bcd,df->bcf", xc, wu), "mlp_up")
+    def chunk_fn(xc):
+        h = rms_norm(xc, lp["mlp_norm"], cfg.norm_eps)
+        g = checkpoint_name(jnp.einsum("bcd,df->bcf", h, wg), "mlp_gate")
+        u = checkpoint_name(jnp.einsum("bcd,df->bcf", h, wu), "mlp_up")
         a = sharding.constrain(jax.nn.silu(g) * u, ("batch", "length", "mlp"), mesh)
-        return carry, checkpoint_name(jnp.einsum("bcf,fd->bcd", a, wd), "mlp_down")
+        return xc + checkpoint_name(jnp.einsum("bcf,fd->bcd", a, wd), "mlp_down")
 
-    n = sharding.num_seq_chunks(x.shape[1], cfg.mlp_chunk, mesh)
+    b, s, d = x.shape
+    n = sharding.num_seq_chunks(s, cfg.mlp_chunk, mesh)
     if n == 1:
-        return chunk_fn(None, x)[1]
+        return chunk_fn(x)
     chunk_fn = jax.checkpoint(chunk_fn, prevent_cse=False,
                               policy=jax.checkpoint_policies.nothing_saveable)
-    _, out = lax.scan(chunk_fn, None, sharding.split_seq_chunks(x, n))
-    return sharding.merge_seq_chunks(out)
+    # [b, s, d] -> [b, s/n, n, d]: the sp sharding stays on s/n, the chunk axis is local.
+    xr = sharding.constrain(x.reshape(b, s // n, n, d), ("batch", "length", None, "embed"), mesh)
+
+    def body(j, xr):
+        y = chunk_fn(lax.dynamic_index_in_dim(xr, j, axis=2, keepdims=False))
+        return lax.dynamic_update_index_in_dim(xr, y, j, axis=2)
+
+    return lax.fori_loop(0, n, body, xr).reshape(b, s, d)
 
 
 def _attention(cfg: ModelConfig, mesh: Mesh | None, x, lp, cos, sin, segment_ids):
@@ -379,8 +394,7 @@ def hidden_states(cfg: ModelConfig, params: dict, tokens, *, positions, segment_
     def layer(x, lp):
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
         x = sharding.constrain(x + _attention(cfg, mesh, h, lp, cos, sin, segment_ids), ACT, mesh)
-        h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-        x = sharding.constrain(x + _mlp(cfg, mesh, h, lp), ACT, mesh)
+        x = sharding.constrain(_mlp_block(cfg, mesh, x, lp), ACT, mesh)
         return x, None
 
     x, _ = lax.scan(_remat(layer, cfg.remat), x, params["layers"])
