@@ -124,12 +124,16 @@ def _sweep(tile_fn, q_side, kv_side, q_acc, kv_acc, opts: _Options):
 
     q_side / kv_side: tuples whose leading axis is the chunk (index and segments last, in that
     order). q_acc (per q chunk) is threaded through the kv loop; kv_acc (per kv chunk) gathers
-    what each tile contributes to the key side.
+    what each tile contributes to the key side. Both are updated in place, chunk by chunk:
+    scanning q_acc in and out instead would make every sweep allocate a fresh zero-filled
+    output buffer, and XLA allocates those early, side by side.
     `tile_fn(q_in, kv_in, q_acc, masked) -> (q_acc, kv_out)`.
     """
 
-    def per_q_chunk(kv_acc, q_in_and_acc):
-        q_in, acc = q_in_and_acc
+    def per_q_chunk(accs, i_and_q_in):
+        kv_acc, q_acc = accs
+        i, q_in = i_and_q_in
+        acc = jax.tree.map(lambda t: t[i], q_acc)
         qi, qs = q_in[-2], q_in[-1]
 
         def per_kv_chunk(carry, j_and_kv_in):
@@ -150,9 +154,10 @@ def _sweep(tile_fn, q_side, kv_side, q_acc, kv_acc, opts: _Options):
 
         n_kv = jax.tree.leaves(kv_side)[0].shape[0]
         (acc, kv_acc), _ = lax.scan(per_kv_chunk, (acc, kv_acc), (jnp.arange(n_kv), kv_side))
-        return kv_acc, acc
+        return (kv_acc, jax.tree.map(lambda t, a: t.at[i].set(a), q_acc, acc)), None
 
-    kv_acc, q_acc = lax.scan(per_q_chunk, kv_acc, (q_side, q_acc))
+    n_q = jax.tree.leaves(q_side)[0].shape[0]
+    (kv_acc, q_acc), _ = lax.scan(per_q_chunk, (kv_acc, q_acc), (jnp.arange(n_q), q_side))
     return q_acc, kv_acc
 
 
