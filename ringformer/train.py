@@ -173,14 +173,19 @@ class _StopSignal:
         and a scheduler's SIGTERM reaches the processes at different moments: they compare
         flags each step (a tiny allgather; the step already waits for its metrics).
         """
-        if jax.process_count() > 1:
-            import numpy as np
-            from jax.experimental import multihost_utils
+        mine = self.received is not None
+        if jax.process_count() == 1:
+            return mine
+        import numpy as np
+        from jax.experimental import multihost_utils
 
-            flags = multihost_utils.process_allgather(np.int32(self.received is not None))
-            if self.received is None and np.max(flags):
-                self.received = 0  # a peer's signal
-        return self.received is not None
+        # Decide on the exchanged flags only: a signal that lands while they are exchanged
+        # is this process's news alone, and acting on it now would leave the peers stepping
+        # on while this one saves (a collective mismatch: both hang). It counts next step.
+        agreed = bool(np.max(multihost_utils.process_allgather(np.int32(mine))))
+        if agreed and self.received is None:
+            self.received = 0  # a peer's signal
+        return agreed
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():

@@ -223,3 +223,25 @@ def test_init_from_a_hugging_face_model(corpus, tmp_path):
     expected = jax.tree.leaves(load_llama(str(hf_dir))[1])
     for got, want in zip(params, expected, strict=True):
         np.testing.assert_allclose(got, np.asarray(want, np.float32), atol=1e-6)
+
+
+def test_a_signal_during_the_stop_flag_exchange_counts_at_the_next_step(monkeypatch):
+    """Processes must leave the loop at the same step. A SIGTERM that lands while the flags
+    are being exchanged was not in them, so the peers step on: this process must too, and
+    stop (with them) after the next exchange."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from ringformer import train
+
+    stop = train._StopSignal()
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+
+    def exchange_as_the_signal_lands(flag):
+        stop._handle(signal.SIGTERM, None)
+        return np.array([flag, 0])  # the peer had no signal either
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", exchange_as_the_signal_lands)
+    assert not stop.agreed()
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda flag: np.array([flag, 0]))
+    assert stop.agreed() and stop.received == signal.SIGTERM
