@@ -315,7 +315,8 @@ def _backward(q, k, v, seg, index, out, lse, dout, opts: _Options):
     delta = jnp.sum(_split_q(out, kv, cq).astype(F32) * doc.astype(F32), axis=-1)
     q_side = (qc, doc, lse, delta, _split_seq(index, cq, g), _split_seq(seg, cq, g))
     dq = jnp.zeros_like(qc, F32)
-    dkv_t = jnp.zeros_like(jnp.swapaxes(_split_kv(k, ck), -1, -2), F32)  # [nk, b, kv, d, ck]
+    kv_side = _kv_side(k, v, seg, index, ck)
+    dkv_t = jnp.zeros_like(jnp.swapaxes(kv_side[0], -1, -2), F32)  # [nk, b, kv, d, ck]
     dkv = (dkv_t, dkv_t)
 
     def step(carry, kv_side):
@@ -326,7 +327,7 @@ def _backward(q, k, v, seg, index, out, lse, dout, opts: _Options):
             dkv = _rotate(dkv, opts)
         return dq, dkv
 
-    dq, (dk_t, dv_t) = _ring_loop(step, (dq, dkv), _kv_side(k, v, seg, index, ck), opts)
+    dq, (dk_t, dv_t) = _ring_loop(step, (dq, dkv), kv_side, opts)
     dk, dv = (_merge_kv(jnp.swapaxes(x, -1, -2)) for x in (dk_t, dv_t))
     return ((_merge_q(dq, cq) * opts.scale).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
 

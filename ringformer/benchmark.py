@@ -312,16 +312,17 @@ def step_speed(*, shape: str = "tiny", seq: int = 8192, sp: int = 8, repeats: in
     at equal total tokens per step."""
     from ringformer import metrics
 
+    base = bench_model_config(shape)
     rows, peaks = [], []
     for impl, n in (("blockwise", 1), ("ring", sp)):
-        c = bench_model_config(shape)
+        c = base.copy_and_resolve_references()
         c.attention.impl = impl
         peaks.append(matmul_flops_per_sec())  # best of several, as in attention_speed
         t = time_train_step(c, {"sp": n}, seq, repeats=repeats)
         rows.append({"impl": impl, "sp": n, "seconds_per_step": round(t, 4),
                      "tokens_per_sec": round(seq / t, 1)})
     peak = max(*peaks, matmul_flops_per_sec())
-    flops_per_token = metrics.flops_per_token(bench_model_config(shape).model, seq)  # same model
+    flops_per_token = metrics.flops_per_token(base.model, seq)
     for r in rows:
         r["mfu"] = round(metrics.mfu(r["tokens_per_sec"], flops_per_token, 1, peak), 4)
     rows[1]["ring_overhead"] = round(rows[1]["seconds_per_step"] / rows[0]["seconds_per_step"] - 1, 4)

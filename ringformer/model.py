@@ -198,10 +198,6 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
 # ----------------------------------------------------------------------------- building blocks
 
 
-def _inv_rms(x32, eps: float):
-    return lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x, weight, eps: float):
     """RMSNorm in fp32 (the mean of squares of bf16 activations loses too much), cast back.
@@ -210,12 +206,13 @@ def rms_norm(x, weight, eps: float):
     1/rms: autodiff of the two broadcasting multiplies saves 1/rms and the weight broadcast
     to x's full shape, two [b, s, dim] fp32 buffers per norm alive at the step's peak.
     """
-    return (x.astype(F32) * _inv_rms(x.astype(F32), eps) * weight.astype(F32)).astype(x.dtype)
+    return _rms_norm_fwd(x, weight, eps)[0]
 
 
 def _rms_norm_fwd(x, weight, eps: float):
-    r = _inv_rms(x.astype(F32), eps)
-    return (x.astype(F32) * r * weight.astype(F32)).astype(x.dtype), (x, weight, r)
+    x32 = x.astype(F32)
+    r = lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (x32 * r * weight.astype(F32)).astype(x.dtype), (x, weight, r)
 
 
 def _rms_norm_bwd(eps: float, res, dy):
