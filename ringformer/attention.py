@@ -257,22 +257,33 @@ def _rotate(tree, opts: _Options):
     return jax.tree.map(lambda x: lax.ppermute(x, opts.axis_name, perm), tree)
 
 
-def _ring_loop(step, carry, kv, opts: _Options):
+def _ring_loop(step, carry, kv, opts: _Options, *, home: bool = False):
     """Run `step(carry, kv) -> carry` on each of the n key/value blocks as they circulate.
 
     Each step's send of the block is issued before the step's compute, so XLA can run the
     collective-permute asynchronously under the compute (the overlap the paper relies on).
-    The last block is not sent on: it would only come home unused.
+
+    With `home`, the last block is sent on too, so this device's own block comes back: returns
+    (carry, own block). It costs one more send and saves a block of memory in training:
+    - the forward keeps the returned copy for the backward instead of its original, which then
+      dies after the first send: two blocks live at once, not three;
+    - in the backward every send stays inside the loop. With n - 1 steps a ring of two has a
+      one-step loop, which XLA inlines; its send is then issued as soon as the block exists,
+      early in the layer's recomputed forward, and holds a second block through the rest of it.
+    Without `home`, the last send is skipped and only the carry is returned.
     """
     n = _ring_size(opts)
-    if n > 1:
-        def body(c, _):
-            carry, kv = c
-            kv_next = _rotate(kv, opts)
-            return (step(carry, kv), kv_next), None
+    if n == 1:
+        carry = step(carry, kv)
+        return (carry, kv) if home else carry
 
-        (carry, kv), _ = lax.scan(body, (carry, kv), None, length=n - 1)
-    return step(carry, kv)
+    def body(c, _):
+        carry, kv = c
+        kv_next = _rotate(kv, opts)
+        return (step(carry, kv), kv_next), None
+
+    (carry, kv), _ = lax.scan(body, (carry, kv), None, length=n if home else n - 1)
+    return (carry, kv) if home else step(carry, kv)
 
 
 def _prescale(q, opts: _Options):
@@ -280,7 +291,8 @@ def _prescale(q, opts: _Options):
     return (q.astype(F32) * opts.scale).astype(q.dtype)
 
 
-def _forward(q, k, v, seg, index, opts: _Options):
+def _forward(q, k, v, seg, index, opts: _Options, *, home: bool = False):
+    """Returns (out, lse), plus this device's key/value block brought home if `home`."""
     # The masks depend only on index and segments, which are the same in every layer. Without
     # a barrier, differentiating a scan over layers hoists that mask work out of the loops and
     # stores it for every tile: an O(seq^2) buffer. The barrier keeps it inside the tile.
@@ -298,24 +310,25 @@ def _forward(q, k, v, seg, index, opts: _Options):
         acc, _ = _sweep(functools.partial(_fwd_tile, opts=opts), q_side, kv_side, acc, (), opts)
         return acc
 
-    o, m, l = _ring_loop(step, (o, m, l), _kv_side(k, v, seg, index, ck), opts)
+    res = _ring_loop(step, (o, m, l), _kv_side(k, v, seg, index, ck), opts, home=home)
+    (o, m, l), kv_side = res if home else (res, None)
     l = jnp.where(l == 0.0, 1.0, l)  # only rows that see nothing (none in causal/self attention)
     out = _merge_q(o / l[..., None], cq).astype(q.dtype)
     lse = m + jnp.log(l)  # [nq, b, kv, g*cq]
-    return out, lse
+    return (out, lse, kv_side) if home else (out, lse)
 
 
-def _backward(q, k, v, seg, index, out, lse, dout, opts: _Options):
+def _backward(q, kv_side, seg, index, out, lse, dout, opts: _Options):
+    """kv_side: this device's key/value block in chunk layout, as `_forward` brought it home."""
     dout, seg, index = lax.optimization_barrier((dout, seg, index))  # see _forward
-    kv = k.shape[2]
+    kv = kv_side[0].shape[2]
     g = q.shape[2] // kv
-    cq, ck = opts.q_chunk, opts.kv_chunk
+    cq = opts.q_chunk
     qc, doc = _split_q(_prescale(q, opts), kv, cq), _split_q(dout, kv, cq)
     # delta_i = sum_j p_ij dp_ij = <o_i, do_i>: the softmax-jacobian term, computed once.
     delta = jnp.sum(_split_q(out, kv, cq).astype(F32) * doc.astype(F32), axis=-1)
     q_side = (qc, doc, lse, delta, _split_seq(index, cq, g), _split_seq(seg, cq, g))
     dq = jnp.zeros_like(qc, F32)
-    kv_side = _kv_side(k, v, seg, index, ck)
     dkv_t = jnp.zeros_like(jnp.swapaxes(kv_side[0], -1, -2), F32)  # [nk, b, kv, d, ck]
     dkv = (dkv_t, dkv_t)
 
@@ -327,9 +340,11 @@ def _backward(q, k, v, seg, index, out, lse, dout, opts: _Options):
             dkv = _rotate(dkv, opts)
         return dq, dkv
 
-    dq, (dk_t, dv_t) = _ring_loop(step, (dq, dkv), kv_side, opts)
+    # The block goes all the way home here too, though nothing uses it there: see _ring_loop.
+    (dq, (dk_t, dv_t)), _ = _ring_loop(step, (dq, dkv), kv_side, opts, home=True)
     dk, dv = (_merge_kv(jnp.swapaxes(x, -1, -2)) for x in (dk_t, dv_t))
-    return ((_merge_q(dq, cq) * opts.scale).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+    dtype = kv_side[0].dtype
+    return (_merge_q(dq, cq) * opts.scale).astype(q.dtype), dk.astype(dtype), dv.astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -338,14 +353,14 @@ def _ring_core(q, k, v, seg, index, opts: _Options):
 
 
 def _ring_core_fwd(q, k, v, seg, index, opts: _Options):
-    out, lse = _forward(q, k, v, seg, index, opts)
+    out, lse, kv_side = _forward(q, k, v, seg, index, opts, home=True)
     # Only O(seq) residuals: the probabilities are recomputed tile by tile in the backward.
-    return out, (q, k, v, seg, index, out, lse)
+    return out, (q, kv_side, seg, index, out, lse)
 
 
 def _ring_core_bwd(opts: _Options, res, dout):
-    q, k, v, seg, index, out, lse = res
-    dq, dk, dv = _backward(q, k, v, seg, index, out, lse, dout, opts)
+    q, kv_side, seg, index, out, lse = res
+    dq, dk, dv = _backward(q, kv_side, seg, index, out, lse, dout, opts)
     return dq, dk, dv, None, None
 
 
