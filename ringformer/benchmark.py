@@ -170,27 +170,31 @@ def layout_speed(*, seq: int = 8192, sp: int | None = None, heads: int = 8, head
 # ----------------------------------------------------------------------------- HLO overlap
 
 
-def ring_hlo_report(*, seq: int = 4096, sp: int = 8, heads: int = 8, head_dim: int = 64) -> dict:
+def ring_hlo_report(*, seq: int = 4096, sp: int = 8, heads: int = 8, head_dim: int = 64,
+                    target: str | None = None) -> dict:
     """Read the compiled HLO of ring attention's gradient: are the collective-permutes
-    asynchronous (start/done pairs) and is there compute scheduled between start and done?"""
-    s = jax.ShapeDtypeStruct((1, seq, heads, head_dim), jnp.float32)
-    grad = _attention_grad(_mesh(sp=sp), "ring", "contiguous", (512, 512))
-    text = grad.lower(s, s, s).compile().as_text()
-    lines = text.splitlines()
-    starts = [i for i, ln in enumerate(lines) if "collective-permute-start" in ln and "=" in ln]
-    sync = sum(1 for ln in lines if " collective-permute(" in ln)
-    overlapped = 0
-    for i in starts:
-        name = lines[i].split("=")[0].strip().lstrip("%")
-        for j in range(i + 1, len(lines)):
-            if "collective-permute-done" in lines[j] and name in lines[j]:
-                between = lines[i + 1:j]
-                if any(op in ln for ln in between for op in ("fusion", "dot(", "while(", "call(")):
-                    overlapped += 1
-                break
-    return {"bench": "hlo", "platform": jax.devices()[0].platform,
-            "async_permute_pairs": len(starts), "sync_permutes": sync,
-            "pairs_with_compute_between": overlapped}
+    asynchronous (start/done pairs) and is there compute scheduled between start and done?
+    `target` (e.g. "h100") compiles for that GPU without one (`hlo_overlap.gpu_devices`), in
+    bf16; otherwise for this machine's devices in fp32. One row per backward schedule
+    (`pipeline_grads`); the top level describes the one the model uses on these devices."""
+    from ringformer import hlo_overlap
+
+    if target is None:
+        devices, dtype = jax.devices()[:sp], jnp.float32
+    else:
+        devices, dtype = hlo_overlap.gpu_devices(target, sp), jnp.bfloat16
+    def compile_(pipeline_grads):
+        return hlo_overlap.ring_overlap(devices, seq=seq, heads=heads, head_dim=head_dim,
+                                        dtype=dtype, pipeline_grads=pipeline_grads)
+
+    rows = []
+    for pipeline in (False, True):
+        r = compile_(pipeline)
+        rows.append({"pipeline_grads": pipeline, **{k: r[k] for k in (
+            "async_permute_pairs", "sync_permutes", "pairs_with_compute_between")},
+            **{f"{p}_{k}": r[p][k] for p in ("forward", "backward") for k in ("permutes", "overlapped")},
+            "backward_bytes": r["backward"]["bytes"]})
+    return {"bench": "hlo", "target": target, **compile_(None), "rows": rows}
 
 
 # ----------------------------------------------------------------------------- model steps

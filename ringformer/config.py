@@ -13,6 +13,7 @@ from ringformer.errors import ConfigError
 
 IMPLS = ("ring", "blockwise", "dense")
 LAYOUTS = ("contiguous", "striped", "zigzag")
+PIPELINE_GRADS = ("auto", "on", "off")
 SCHEDULES = ("cosine", "linear", "constant")
 REMAT_POLICIES = ("none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims")
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -82,6 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.attention.layout = "zigzag"
     c.attention.q_chunk = 256
     c.attention.kv_chunk = 256
+    # Ring backward: send each block's dk/dv one step late so the send overlaps compute, for
+    # one more fp32 dk/dv block of memory. auto: on for GPU/TPU meshes, off on CPU (no overlap).
+    c.attention.pipeline_grads = "auto"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-4
@@ -159,6 +163,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int
     _choice(o.schedule, SCHEDULES, "optim.schedule")
     _choice(a.impl, IMPLS, "attention.impl")
     _choice(a.layout, LAYOUTS, "attention.layout")
+    _choice(a.get("pipeline_grads", "auto"), PIPELINE_GRADS, "attention.pipeline_grads")
     _choice(m.remat, REMAT_POLICIES, "model.remat")
     _choice(m.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
     _choice(m.dtype, DTYPES, "model.dtype")

@@ -40,14 +40,14 @@ from ringformer import layout as layouts
 from ringformer import loss as losses
 from ringformer import sharding
 from ringformer.attention import attention_in_layout
-from ringformer.config import DTYPES, IMPLS, LAYOUTS, REMAT_POLICIES, ROPE_SCALINGS
+from ringformer.config import DTYPES, IMPLS, LAYOUTS, PIPELINE_GRADS, REMAT_POLICIES, ROPE_SCALINGS
 from ringformer.errors import ConfigError
 
 F32 = jnp.float32
 ACT = ("batch", "length", "embed")
 
 _ATTENTION_FIELDS = {"attn_impl": "impl", "attn_layout": "layout", "q_chunk": "q_chunk",
-                     "kv_chunk": "kv_chunk"}
+                     "kv_chunk": "kv_chunk", "attn_pipeline_grads": "pipeline_grads"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +79,7 @@ class ModelConfig:
     attn_layout: str = "contiguous"
     q_chunk: int = 256
     kv_chunk: int = 256
+    attn_pipeline_grads: str = "auto"  # auto | on | off (attention.ring_attention)
 
     def __post_init__(self) -> None:
         def need(cond: bool, what: str, fix: str) -> None:
@@ -97,7 +98,8 @@ class ModelConfig:
              "rotary embeddings need an even head_dim")
         for name, choices in (("rope_scaling", ROPE_SCALINGS), ("remat", REMAT_POLICIES),
                               ("dtype", DTYPES), ("param_dtype", DTYPES),
-                              ("attn_impl", IMPLS), ("attn_layout", LAYOUTS)):
+                              ("attn_impl", IMPLS), ("attn_layout", LAYOUTS),
+                              ("attn_pipeline_grads", PIPELINE_GRADS)):
             need(getattr(self, name) in choices, f"{name}={getattr(self, name)!r} is not one "
                  f"of {', '.join(choices)}", "pick one of them")
 
@@ -330,7 +332,8 @@ def _attention(cfg: ModelConfig, mesh: Mesh | None, x, lp, cos, sin, segment_ids
     impl = "blockwise" if mesh is None and cfg.attn_impl == "ring" else cfg.attn_impl
     o = attention_in_layout(q, k, v, mesh=mesh, impl=impl, causal=True,
                             segment_ids=segment_ids, q_chunk=cfg.q_chunk,
-                            kv_chunk=cfg.kv_chunk, layout=cfg.attn_layout)
+                            kv_chunk=cfg.kv_chunk, layout=cfg.attn_layout,
+                            pipeline_grads={"auto": None, "on": True, "off": False}[cfg.attn_pipeline_grads])
     o = checkpoint_name(o, "attn_out")
     out = jnp.einsum("bshk,hkd->bsd", o, _use(lp["wo"], ("heads", "head_dim", "embed"), dt, mesh))
     return checkpoint_name(out, "o_proj")

@@ -6,6 +6,7 @@
     python scripts/bench.py layout [--seq 8192] [--sp <cores>] --json   # one device per core
     python scripts/bench.py step [--shape tiny] [--seq 8192] [--sp 8] --json
     python scripts/bench.py hlo --json            # are the ring's permutes asynchronous?
+    python scripts/bench.py hlo --target h100 --json   # ... on 8 H100s, compiled without them
     python scripts/bench.py gpu [--seq 32768] --json   # on a machine with an NVIDIA GPU
 """
 
@@ -31,7 +32,14 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=None,
                    help="attention chunk (default: 512; attention: the kernel's, 1024 x 512)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--target", default=None,
+                   help="hlo: compile for this GPU (ringformer/gpu_targets) instead of this machine;"
+                        " needs jax-cuda12-plugin, not a GPU")
     a = p.parse_args()
+    if a.target:
+        # The CUDA plugin only describes the target; this host compiles on its CPU.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     if a.bench == "layout":
         # One virtual device per core, so the ring's devices compute in parallel for real.
         a.sp = a.sp or max(2, os.cpu_count() or 1)
@@ -57,7 +65,7 @@ def main() -> None:
     elif a.bench == "step":
         out = b.step_speed(shape=a.shape or "tiny", sp=a.sp, repeats=a.repeats, **kw)
     elif a.bench == "hlo":
-        out = b.ring_hlo_report(sp=a.sp, **kw)
+        out = b.ring_hlo_report(sp=a.sp, target=a.target, **kw)
     else:
         out = b.gpu_mfu(repeats=a.repeats, **kw)
     out["machine"] = b.machine()

@@ -7,8 +7,8 @@
 #   bash scripts/gpu_checks.sh            # results in $OUT (or ./gpu_results)
 #
 # `bench.py gpu` gives the MFU of configs/llama_1b_32k.py at 32K in bf16. `bench.py hlo` reads
-# whether the ring's collective-permutes compile to async start/done pairs; it needs at least
-# two GPUs, so on a one-GPU machine it is skipped and says so.
+# whether the ring's collective-permutes compile to async start/done pairs with compute between;
+# with one GPU it compiles for eight H100s instead (`--target h100`, no GPU needed for that).
 set -uo pipefail
 out=${OUT:-gpu_results}
 mkdir -p "$out"
@@ -24,5 +24,5 @@ timeout 420 python3 scripts/bench.py gpu --json 2>&1 | tee "$out/gpu.log"
 if [ "$n_gpus" -ge 2 ]; then
     timeout 240 python3 scripts/bench.py hlo --sp "$n_gpus" --json 2>&1 | tee "$out/hlo.log"
 else
-    echo "hlo: skipped, the ring needs at least 2 GPUs and this machine has $n_gpus" | tee "$out/hlo.log"
+    timeout 240 python3 scripts/bench.py hlo --target h100 --seq 32768 --json 2>&1 | tee "$out/hlo.log"
 fi

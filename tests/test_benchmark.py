@@ -70,6 +70,10 @@ def test_step_rows():
 def test_hlo_report_counts_permutes():
     out = benchmark.ring_hlo_report(seq=512, sp=4, heads=2, head_dim=16)
     assert out["async_permute_pairs"] + out["sync_permutes"] > 0
+    assert [r["pipeline_grads"] for r in out["rows"]] == [False, True]
+    for r in out["rows"]:
+        assert r["forward_permutes"] > 0 and r["backward_permutes"] > 0
+        assert 0 <= r["backward_overlapped"] <= r["backward_permutes"]
 
 
 def test_gpu_bench_refuses_cleanly_on_cpu():

@@ -185,6 +185,7 @@ def smoke_config():
     ("model.n_kv_heads", 3, "model.n_heads=2 is not divisible by model.n_kv_heads=3"),
     ("attention.q_chunk", 12, "attention.q_chunk=12 does not divide"),
     ("attention.impl", "flash", "attention.impl='flash' is not one of"),
+    ("attention.pipeline_grads", "yes", "attention.pipeline_grads='yes' is not one of"),
     ("data.global_batch_size", 3, "data.global_batch_size=3 is not divisible by dp*fsdp=2"),
 ])
 def test_validation_names_the_problem(key, value, message):
