@@ -28,10 +28,10 @@ def machine() -> dict:
             "n_devices": jax.device_count(), "cpu": platform.processor() or platform.machine()}
 
 
-def _mesh(sp: int = 1, **axes):
+def _mesh(sp: int = 1, devices: list | None = None, **axes):
     sizes = {"dp": 1, "fsdp": 1, "sp": sp, "tp": 1, **axes}
     n = int(np.prod(list(sizes.values())))
-    return make_mesh(sizes, jax.devices()[:n])
+    return make_mesh(sizes, (jax.devices() if devices is None else devices)[:n])
 
 
 def time_fn(fn: Callable, *args, repeats: int = 3) -> float:
@@ -209,9 +209,12 @@ def _train_parts():
 
 def bench_model_config(shape: str = "small"):
     """Model shapes for the step benchmarks: `tiny` is configs/tiny.py's model, `small` the
-    library default (4 layers, dim 256), `125m` a GPT-2-small-sized LLaMA."""
+    library default (4 layers, dim 256), `125m` a GPT-2-small-sized LLaMA, all fp32; `1b` is
+    configs/llama_1b_32k.py as it is (bf16, its chunks), for GPU targets."""
     from ringformer.config import default_config
 
+    if shape == "1b":
+        return _gpu_config()
     c = default_config()
     c.model.dtype = "float32"
     c.model.remat = "full"
@@ -221,16 +224,16 @@ def bench_model_config(shape: str = "small"):
         c.model.update(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048,
                        vocab_size=32000)
     elif shape != "small":
-        raise ValueError(f"unknown model shape {shape!r}; use tiny, small or 125m")
+        raise ValueError(f"unknown model shape {shape!r}; use tiny, small, 125m or 1b")
     return c
 
 
-def _step_parts(config, mesh_sizes: dict, seq: int, batch: int):
+def _step_parts(config, mesh_sizes: dict, seq: int, batch: int, devices: list | None = None):
     model, optim, sharding, train = _train_parts()
     config = config.copy_and_resolve_references()
     config.mesh.update(mesh_sizes)
     config.data.seq_len, config.data.global_batch_size = seq, batch
-    mesh = _mesh(**mesh_sizes)
+    mesh = _mesh(devices=devices, **mesh_sizes)
     cfg = model.ModelConfig.from_config(config)
     tx = optim.make_optimizer(config.optim, 100)
     step = train.make_train_step(cfg, tx, mesh)
@@ -242,9 +245,12 @@ def _step_parts(config, mesh_sizes: dict, seq: int, batch: int):
     return train, mesh, cfg, tx, step, abstract_batch
 
 
-def step_memory(config, mesh_sizes: dict, seq: int, batch: int = 1) -> int:
-    """Per-device bytes (arguments + temporaries) of one compiled training step."""
-    train, mesh, cfg, tx, step, abstract_batch = _step_parts(config, mesh_sizes, seq, batch)
+def step_memory(config, mesh_sizes: dict, seq: int, batch: int = 1,
+                devices: list | None = None) -> int:
+    """Per-device bytes (arguments + temporaries) of one compiled training step; `devices` may
+    be compile-only ones (`hlo_overlap.gpu_devices`)."""
+    train, mesh, cfg, tx, step, abstract_batch = _step_parts(config, mesh_sizes, seq, batch,
+                                                             devices)
     state = jax.eval_shape(lambda: train.init_state(cfg, tx, mesh, 0))
     shardings = train.state_shardings(cfg, tx, mesh, state.params)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -254,23 +260,36 @@ def step_memory(config, mesh_sizes: dict, seq: int, batch: int = 1) -> int:
     return int(m.argument_size_in_bytes + m.temp_size_in_bytes)
 
 
-def max_context(config, mesh_sizes: dict, *, budget: int, lo: int, hi: int, unit: int) -> int:
+def max_context(config, mesh_sizes: dict, *, budget: int, lo: int, hi: int, unit: int,
+                devices: list | None = None) -> int:
     """Longest context (a multiple of `unit`) whose training step fits `budget` bytes per device."""
-    if step_memory(config, mesh_sizes, lo) > budget:
+    def fits(seq: int) -> bool:
+        return step_memory(config, mesh_sizes, seq, devices=devices) <= budget
+
+    if not fits(lo):
         return 0
-    while step_memory(config, mesh_sizes, hi) <= budget:
+    while fits(hi):
         lo, hi = hi, hi * 2
     while hi - lo > unit:
         mid = (lo + hi) // 2 // unit * unit
-        if step_memory(config, mesh_sizes, mid) <= budget:
+        if fits(mid):
             lo = mid
         else:
             hi = mid
     return lo
 
 
-def memory(*, budget_gib: float = 2.0, shape: str = "small", sps=(2, 4, 8)) -> dict:
-    """Max trainable context per device budget: dense and blockwise on one device, ring on n."""
+def memory(*, budget_gib: float | None = 2.0, shape: str = "small", sps=(2, 4, 8),
+           target: str | None = None) -> dict:
+    """Max trainable context per device budget: dense and blockwise on one device, ring on n.
+    With a GPU `target` the steps are compiled for its cards (nothing runs) and the budget
+    defaults to the card's memory."""
+    devices = None
+    if target is not None:
+        from ringformer import hlo_overlap
+
+        devices = hlo_overlap.gpu_devices(target, max(sps))
+        budget_gib = budget_gib or hlo_overlap.gpu_memory_bytes(target) / 2**30
     budget = int(budget_gib * 2**30)
     base = bench_model_config(shape)
     rows = []
@@ -280,14 +299,17 @@ def memory(*, budget_gib: float = 2.0, shape: str = "small", sps=(2, 4, 8)) -> d
     for impl, sp in tqdm(cases, desc="memory bisection", unit="config"):
         c = base.copy_and_resolve_references()
         c.attention.impl = impl
-        chunk = c.attention.q_chunk
+        # Each zigzag half of a device's block must hold whole attention chunks.
+        chunk = 2 * max(c.attention.q_chunk, c.attention.kv_chunk)
         unit = max(chunk, c.model.mlp_chunk, c.model.loss_chunk) * sp
-        ctx = max_context(c, {"sp": sp}, budget=budget, lo=unit, hi=unit * 8, unit=unit)
+        ctx = max_context(c, {"sp": sp}, budget=budget, lo=unit, hi=unit * 8, unit=unit,
+                          devices=devices)
         rows.append({"impl": impl, "sp": sp, "max_context": ctx})
     single = next(r["max_context"] for r in rows if r["impl"] == "blockwise")
     for r in rows:
         r["vs_blockwise"] = round(r["max_context"] / single, 3) if single else None
-    return {"bench": "memory", "budget_bytes": budget, "model": shape, "rows": rows}
+    return {"bench": "memory", "budget_bytes": budget, "model": shape, "target": target,
+            "rows": rows}
 
 
 def time_train_step(config, mesh_sizes: dict, seq: int, batch: int = 1, *,
@@ -340,23 +362,27 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU 
              "TPU v5p": 459e12}
 
 
-def gpu_mfu(*, seq: int = 32768, repeats: int = 3, sp: int = 1) -> dict:
-    """MFU of the ~1B LLaMA in configs/llama_1b_32k.py at `seq` tokens in bf16 on GPU."""
+def _gpu_config():
     import importlib.util
     from pathlib import Path
 
+    path = Path(__file__).resolve().parents[1] / "configs" / "llama_1b_32k.py"
+    spec = importlib.util.spec_from_file_location("llama_1b_32k", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def gpu_mfu(*, seq: int = 32768, repeats: int = 3, sp: int = 1) -> dict:
+    """MFU of the ~1B LLaMA in configs/llama_1b_32k.py at `seq` tokens in bf16 on GPU."""
     from ringformer import metrics
 
     dev = jax.devices()[0]
     if dev.platform != "gpu":
         from ringformer.errors import UserError
         raise UserError(f"the gpu benchmark needs a GPU, this machine has {dev.platform}",
-                        "run it on a machine with an NVIDIA GPU")
-    path = Path(__file__).resolve().parents[1] / "configs" / "llama_1b_32k.py"
-    spec = importlib.util.spec_from_file_location("llama_1b_32k", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+                        "run it on a machine with an NVIDIA GPU, or add --target h100 to compile only")
+    c = _gpu_config()
     peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), c.train.peak_flops)
     t = time_train_step(c, {"sp": sp}, seq, repeats=repeats)
     tps = seq / t
@@ -366,3 +392,18 @@ def gpu_mfu(*, seq: int = 32768, repeats: int = 3, sp: int = 1) -> dict:
             "tokens_per_sec": round(tps, 1), "peak_flops": peak,
             "rows": [{"model": "llama_1b_32k", "seq": seq,
                       "mfu": round(metrics.mfu(tps, metrics.flops_per_token(c.model, seq), sp, peak), 4)}]}
+
+
+def gpu_compile(*, target: str, seq: int = 32768, sp: int = 1) -> dict:
+    """The `gpu` benchmark's training step compiled for `sp` GPUs of `target` without them: does
+    it compile, and does it fit the card's memory? Nothing runs, so there is no MFU."""
+    from ringformer import hlo_overlap
+
+    devices = hlo_overlap.gpu_devices(target, sp)
+    total = step_memory(_gpu_config(), {"sp": sp}, seq, devices=devices)
+    card = hlo_overlap.gpu_memory_bytes(target)
+    return {"bench": "gpu", "target": target, "compile_only": True,
+            "device_kind": devices[0].device_kind, "seq": seq, "sp": sp,
+            "rows": [{"model": "llama_1b_32k", "seq": seq, "sp": sp,
+                      "step_gib_per_device": round(total / 2**30, 2),
+                      "card_gib": round(card / 2**30, 2), "fits": total <= card}]}

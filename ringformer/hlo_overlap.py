@@ -89,11 +89,22 @@ def gpu_targets() -> list[str]:
     return sorted(p.stem for p in GPU_TARGETS.glob("*.txtpb"))
 
 
-def gpu_devices(target: str, n: int) -> list:
-    """`n` compile-only devices of GPU `target`, one host; needs the CUDA PJRT plugin, not a GPU."""
+def _target_path(target: str) -> Path:
     path = GPU_TARGETS / f"{target}.txtpb"
     if not path.exists():
         raise UserError(f"unknown GPU target {target!r}", f"use one of {', '.join(gpu_targets())}")
+    return path
+
+
+def gpu_memory_bytes(target: str) -> int:
+    """The card's memory as its target description gives it."""
+    found = re.search(r"device_memory_size:\s*(\d+)", _target_path(target).read_text())
+    return int(found[1])
+
+
+def gpu_devices(target: str, n: int) -> list:
+    """`n` compile-only devices of GPU `target`, one host; needs the CUDA PJRT plugin, not a GPU."""
+    path = _target_path(target)
     from jax.experimental import topologies
 
     try:

@@ -1,6 +1,7 @@
 """Benchmarks behind docs/BENCHMARKS.md; `--json` prints one JSON object as the last line.
 
     python scripts/bench.py memory [--budget_gib 2] [--shape small] --json
+    python scripts/bench.py memory --target h100 --json   # the 1B model on H100s, compile only
     python scripts/bench.py attention [--seq 8192] [--sp 8] --json
     python scripts/bench.py balance [--seq 32768] [--sp 8] --json
     python scripts/bench.py layout [--seq 8192] [--sp <cores>] --json   # one device per core
@@ -8,6 +9,7 @@
     python scripts/bench.py hlo --json            # are the ring's permutes asynchronous?
     python scripts/bench.py hlo --target h100 --json   # ... on 8 H100s, compiled without them
     python scripts/bench.py gpu [--seq 32768] --json   # on a machine with an NVIDIA GPU
+    python scripts/bench.py gpu --target h100 [--sp 8 --seq 262144] --json   # compile only
 """
 
 import json
@@ -27,15 +29,19 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=None, help="sequence length")
     p.add_argument("--sp", type=int, default=None,
                    help="ring size (default 8; for layout, the number of CPU cores)")
-    p.add_argument("--shape", default=None, help="model shape: tiny, small or 125m")
-    p.add_argument("--budget_gib", type=float, default=2.0, help="memory budget per device")
+    p.add_argument("--shape", default=None, help="model shape: tiny, small, 125m or 1b")
+    p.add_argument("--budget_gib", type=float, default=None,
+                   help="memory budget per device (default 2; with --target, the card's memory)")
     p.add_argument("--chunk", type=int, default=None,
                    help="attention chunk (default: 512; attention: the kernel's, 1024 x 512)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--target", default=None,
-                   help="hlo: compile for this GPU (ringformer/gpu_targets) instead of this machine;"
-                        " needs jax-cuda12-plugin, not a GPU")
+                   help="memory, hlo, gpu: compile for this GPU (ringformer/gpu_targets) instead of"
+                        " running here; needs jax-cuda12-plugin, not a GPU")
     a = p.parse_args()
+    sp_given = a.sp
+    if a.target and a.bench not in ("memory", "hlo", "gpu"):
+        p.error(f"--target applies to memory, hlo and gpu, not {a.bench}")
     if a.target:
         # The CUDA plugin only describes the target; this host compiles on its CPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -55,7 +61,8 @@ def main() -> None:
 
     kw = {"seq": a.seq} if a.seq else {}
     if a.bench == "memory":
-        out = b.memory(budget_gib=a.budget_gib, shape=a.shape or "small")
+        out = b.memory(budget_gib=a.budget_gib or (None if a.target else 2.0),
+                       shape=a.shape or ("1b" if a.target else "small"), target=a.target)
     elif a.bench == "attention":
         out = b.attention_speed(sp=a.sp, chunk=a.chunk, repeats=a.repeats, **kw)
     elif a.bench == "balance":
@@ -66,6 +73,8 @@ def main() -> None:
         out = b.step_speed(shape=a.shape or "tiny", sp=a.sp, repeats=a.repeats, **kw)
     elif a.bench == "hlo":
         out = b.ring_hlo_report(sp=a.sp, target=a.target, **kw)
+    elif a.target:
+        out = b.gpu_compile(target=a.target, sp=sp_given or 1, **kw)
     else:
         out = b.gpu_mfu(repeats=a.repeats, **kw)
     out["machine"] = b.machine()

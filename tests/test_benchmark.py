@@ -90,3 +90,15 @@ def test_bad_arguments_give_one_error_line():
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: argument bench: invalid choice")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["attention", "--target", "h100"], "error: --target applies to memory, hlo and gpu, not attention"),
+    (["gpu", "--target", "tpu9"], "error: unknown GPU target 'tpu9' (use one of h100)"),
+])
+def test_bad_gpu_targets_give_one_error_line(args, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(message)
+    assert len(proc.stderr.strip().splitlines()) == 1
