@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ringformer import layout as layouts
+from ringformer.config import KERNELS
 from ringformer.ring_kernel import F32, MASK, Options, ring_core
 
 IMPLS = ("ring", "blockwise", "dense")
@@ -84,7 +85,7 @@ def _check_chunk(c: int, requested: int | None, length: int, name: str) -> int:
 def ring_attention(q, k, v, *, axis_name: str | None = "sp", causal: bool = True,
                    segment_ids=None, token_index=None, q_chunk: int | None = None,
                    kv_chunk: int | None = None, scale: float | None = None,
-                   pipeline_grads: bool = False):
+                   pipeline_grads: bool = False, kernel: str = "xla", interpret: bool = False):
     """Exact ring attention on one shard; call inside `shard_map` over `axis_name`.
 
     q: [b, L, h, d] this device's query block; k, v: [b, L, kv, d] its key/value block;
@@ -98,6 +99,9 @@ def ring_attention(q, k, v, *, axis_name: str | None = "sp", causal: bool = True
     pipeline_grads: in the backward, send each block's dk/dv on one step late, so that send
     also runs under a step's compute instead of after it; costs one fp32 dk/dv block of memory.
     Worth it where collectives are asynchronous (GPU, TPU), never on CPU.
+    kernel: "xla" (tile sweeps of plain XLA ops, any backend) or "pallas" (one fused Triton
+    kernel per block, `pallas_block`: for GPUs; the local block must be a multiple of 128).
+    interpret: run the Pallas kernels in the interpreter, which works on CPU.
     """
     b, length, h, d = q.shape
     if k.shape[:2] != (b, length) or v.shape != k.shape or k.shape[3] != d:
@@ -107,7 +111,8 @@ def ring_attention(q, k, v, *, axis_name: str | None = "sp", causal: bool = True
     cq, ck = chunk_sizes(length, q_chunk=q_chunk, kv_chunk=kv_chunk)
     opts = Options(axis_name, causal, _check_chunk(cq, q_chunk, length, "q_chunk"),
                     _check_chunk(ck, kv_chunk, length, "kv_chunk"),
-                    1.0 / math.sqrt(d) if scale is None else float(scale), bool(pipeline_grads))
+                   1.0 / math.sqrt(d) if scale is None else float(scale), bool(pipeline_grads),
+                   kernel, bool(interpret))
     if token_index is None:
         rank = 0 if axis_name is None else lax.axis_index(axis_name)
         token_index = rank * length + jnp.arange(length, dtype=jnp.int32)
@@ -152,25 +157,29 @@ def _check_global(q, k, v, mesh: Mesh | None, impl: str, segment_ids) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "impl", "causal", "q_chunk", "kv_chunk",
-                                             "layout", "pipeline_grads"))
+                                             "layout", "pipeline_grads", "kernel"))
 def attention_in_layout(q, k, v, *, mesh: Mesh | None, impl: str = "ring", causal: bool = True,
                         segment_ids=None, q_chunk: int | None = None,
                         kv_chunk: int | None = None, layout: str = "contiguous",
-                        pipeline_grads: bool | None = None):
+                        pipeline_grads: bool | None = None, kernel: str = "xla"):
     """Attention over global arrays already permuted into `layout` along the sequence.
 
     This is what the model calls: the data path permutes tokens once, so no layer pays for it.
     Shards batch over (dp, fsdp), heads over tp, and, for impl="ring", the sequence over sp.
     mesh=None runs on the default device without shard_map. Returns [b, s, h, d] in layout order.
-    pipeline_grads (see `ring_attention`) defaults to on for a mesh of accelerators.
+    pipeline_grads (see `ring_attention`) defaults to on for a mesh of accelerators; with
+    kernel="pallas" on CPU devices the kernels run in the interpreter.
     """
     _check_global(q, k, v, mesh, impl, segment_ids)
     n_sp = 1 if mesh is None else mesh.shape["sp"]
     s = q.shape[1]
     index = jnp.asarray(layouts.permutation(layout, s, n_sp), jnp.int32)
 
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
     if pipeline_grads is None:
-        pipeline_grads = mesh is not None and mesh.devices.flat[0].platform != "cpu"
+        pipeline_grads = mesh is not None and platform != "cpu"
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
     if impl == "ring" and layout == "zigzag" and n_sp > 1:
         q_chunk, kv_chunk = chunk_sizes(s // n_sp, q_chunk=q_chunk, kv_chunk=kv_chunk,
                                         zigzag_halves=True)
@@ -181,28 +190,33 @@ def attention_in_layout(q, k, v, *, mesh: Mesh | None, impl: str = "ring", causa
         ring = impl == "ring" and mesh is not None  # no mesh: the ring of one is blockwise
         return ring_attention(q, k, v, axis_name="sp" if ring else None, causal=causal,
                               segment_ids=seg, token_index=idx, q_chunk=q_chunk,
-                              kv_chunk=kv_chunk, pipeline_grads=pipeline_grads)
+                              kv_chunk=kv_chunk, pipeline_grads=pipeline_grads,
+                              kernel=kernel, interpret=kernel == "pallas" and platform == "cpu")
 
     if mesh is None:
         return local(q, k, v, segment_ids, index)
     seq = "sp" if impl == "ring" else None
     spec, seg_spec = P(("dp", "fsdp"), seq, "tp", None), P(("dp", "fsdp"), seq)
     q, k, v = (jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)) for x in (q, k, v))
+    # pallas_call's outputs carry no record of which mesh axes they vary over, which
+    # shard_map's check requires; the specs above already say it.
     fn = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec, P(seq)),
-                       out_specs=spec)
+                       out_specs=spec, check_vma=kernel != "pallas")
     return fn(q, k, v, segment_ids, index)
 
 
 def attention(q, k, v, *, mesh: Mesh | None, impl: str = "ring", causal: bool = True,
               segment_ids=None, q_chunk: int | None = None, kv_chunk: int | None = None,
-              layout: str = "contiguous", pipeline_grads: bool | None = None):
+              layout: str = "contiguous", pipeline_grads: bool | None = None,
+              kernel: str = "xla"):
     """Exact attention over global arrays in natural token order; differentiable.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; segment_ids:
     [batch, seq] or None. impl: "ring" (sequence split over sp, k/v blocks rotate), "blockwise"
     or "dense" (whole sequence per device). `layout` balances causal work across the ring; it
     is applied and undone here, so results are in natural order whatever it is. pipeline_grads:
-    see `ring_attention` (default: on for a mesh of accelerators).
+    see `ring_attention` (default: on for a mesh of accelerators); kernel: "xla" or "pallas"
+    (see `ring_attention`; for ring and blockwise).
     Raises ValueError, with the numbers, for shapes the mesh cannot split.
     """
     n_sp = 1 if mesh is None else mesh.shape["sp"]
@@ -213,7 +227,7 @@ def attention(q, k, v, *, mesh: Mesh | None, impl: str = "ring", causal: bool = 
     out = attention_in_layout(q, k, v, mesh=mesh, impl=impl, causal=causal,
                               segment_ids=segment_ids, q_chunk=q_chunk, kv_chunk=kv_chunk,
                               layout=layout if n_sp > 1 else "contiguous",
-                              pipeline_grads=pipeline_grads)
+                              pipeline_grads=pipeline_grads, kernel=kernel)
     if layout != "contiguous" and n_sp > 1:
         out = layouts.unpermute(out, layout, n_sp, axis=1)
     return out

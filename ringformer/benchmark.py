@@ -19,6 +19,7 @@ import numpy as np
 
 from ringformer import layout as layouts
 from ringformer.attention import attention, chunk_sizes, tile_counts
+from ringformer.config import KERNELS
 from ringformer.mesh import make_mesh
 
 
@@ -183,14 +184,16 @@ def ring_hlo_report(*, seq: int = 4096, sp: int = 8, heads: int = 8, head_dim: i
         devices, dtype = jax.devices()[:sp], jnp.float32
     else:
         devices, dtype = hlo_overlap.gpu_devices(target, sp), jnp.bfloat16
-    def compile_(pipeline_grads):
+    def compile_(pipeline_grads, kernel="xla"):
         return hlo_overlap.ring_overlap(devices, seq=seq, heads=heads, head_dim=head_dim,
-                                        dtype=dtype, pipeline_grads=pipeline_grads)
+                                        dtype=dtype, pipeline_grads=pipeline_grads, kernel=kernel)
 
+    # The fused kernels are for GPUs; on CPU they would only run in Pallas's interpreter.
+    kernels = ("xla",) if target is None else ("xla", "pallas")
     rows = []
-    for pipeline in (False, True):
-        r = compile_(pipeline)
-        rows.append({"pipeline_grads": pipeline, **{k: r[k] for k in (
+    for kernel, pipeline in ((k, p) for k in kernels for p in (False, True)):
+        r = compile_(pipeline, kernel)
+        rows.append({"kernel": kernel, "pipeline_grads": pipeline, **{k: r[k] for k in (
             "async_permute_pairs", "sync_permutes", "pairs_with_compute_between")},
             **{f"{p}_{k}": r[p][k] for p in ("forward", "backward") for k in ("permutes", "overlapped")},
             "backward_bytes": r["backward"]["bytes"]})
@@ -384,14 +387,16 @@ def gpu_mfu(*, seq: int = 32768, repeats: int = 3, sp: int = 1) -> dict:
                         "run it on a machine with an NVIDIA GPU, or add --target h100 to compile only")
     c = _gpu_config()
     peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), c.train.peak_flops)
-    t = time_train_step(c, {"sp": sp}, seq, repeats=repeats)
-    tps = seq / t
-    n_params = metrics.matmul_params(c.model)
+    rows = []
+    for kernel in KERNELS:  # the XLA tile sweeps, then the fused Pallas kernels
+        c.attention.kernel = kernel
+        t = time_train_step(c, {"sp": sp}, seq, repeats=repeats)
+        tps = seq / t
+        rows.append({"model": "llama_1b_32k", "kernel": kernel, "seq": seq,
+                     "seconds_per_step": round(t, 4), "tokens_per_sec": round(tps, 1),
+                     "mfu": round(metrics.mfu(tps, metrics.flops_per_token(c.model, seq), sp, peak), 4)})
     return {"bench": "gpu", "device_kind": dev.device_kind, "seq": seq, "sp": sp,
-            "params_matmul": n_params, "seconds_per_step": round(t, 4),
-            "tokens_per_sec": round(tps, 1), "peak_flops": peak,
-            "rows": [{"model": "llama_1b_32k", "seq": seq,
-                      "mfu": round(metrics.mfu(tps, metrics.flops_per_token(c.model, seq), sp, peak), 4)}]}
+            "params_matmul": metrics.matmul_params(c.model), "peak_flops": peak, "rows": rows}
 
 
 def gpu_compile(*, target: str, seq: int = 32768, sp: int = 1) -> dict:
@@ -400,10 +405,14 @@ def gpu_compile(*, target: str, seq: int = 32768, sp: int = 1) -> dict:
     from ringformer import hlo_overlap
 
     devices = hlo_overlap.gpu_devices(target, sp)
-    total = step_memory(_gpu_config(), {"sp": sp}, seq, devices=devices)
     card = hlo_overlap.gpu_memory_bytes(target)
+    rows = []
+    for kernel in KERNELS:
+        c = _gpu_config()
+        c.attention.kernel = kernel
+        total = step_memory(c, {"sp": sp}, seq, devices=devices)
+        rows.append({"model": "llama_1b_32k", "kernel": kernel, "seq": seq, "sp": sp,
+                     "step_gib_per_device": round(total / 2**30, 2),
+                     "card_gib": round(card / 2**30, 2), "fits": total <= card})
     return {"bench": "gpu", "target": target, "compile_only": True,
-            "device_kind": devices[0].device_kind, "seq": seq, "sp": sp,
-            "rows": [{"model": "llama_1b_32k", "seq": seq, "sp": sp,
-                      "step_gib_per_device": round(total / 2**30, 2),
-                      "card_gib": round(card / 2**30, 2), "fits": total <= card}]}
+            "device_kind": devices[0].device_kind, "seq": seq, "sp": sp, "rows": rows}

@@ -14,6 +14,7 @@ from ringformer.errors import ConfigError
 IMPLS = ("ring", "blockwise", "dense")
 LAYOUTS = ("contiguous", "striped", "zigzag")
 PIPELINE_GRADS = ("auto", "on", "off")
+KERNELS = ("xla", "pallas")
 SCHEDULES = ("cosine", "linear", "constant")
 REMAT_POLICIES = ("none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims")
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -86,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Ring backward: send each block's dk/dv one step late so the send overlaps compute, for
     # one more fp32 dk/dv block of memory. auto: on for GPU/TPU meshes, off on CPU (no overlap).
     c.attention.pipeline_grads = "auto"
+    # The per-block kernel: "xla" (plain XLA ops, any backend) or "pallas" (fused Triton
+    # kernels for GPUs; unmeasured so far, see docs/BENCHMARKS.md, gpu).
+    c.attention.kernel = "xla"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-4
@@ -164,6 +168,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int
     _choice(a.impl, IMPLS, "attention.impl")
     _choice(a.layout, LAYOUTS, "attention.layout")
     _choice(a.get("pipeline_grads", "auto"), PIPELINE_GRADS, "attention.pipeline_grads")
+    _choice(a.get("kernel", "xla"), KERNELS, "attention.kernel")
     _choice(m.remat, REMAT_POLICIES, "model.remat")
     _choice(m.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
     _choice(m.dtype, DTYPES, "model.dtype")
@@ -204,6 +209,11 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int
               f"attention.{k}={a[k]} does not divide the {per_device} tokens each device attends over"
               f" (seq_len={d.seq_len}, sp={sp})",
               f"use a chunk that divides {per_device}")
+    if a.get("kernel", "xla") == "pallas":
+        _need(a.impl != "dense" and per_device % 128 == 0,
+              f"attention.kernel='pallas' needs ring or blockwise attention over a multiple of 128"
+              f" tokens per device; this config has impl={a.impl!r} over {per_device}",
+              "use attention.kernel='xla' or a data.seq_len giving a multiple of 128 per device")
     for k in ("mlp_chunk", "loss_chunk"):
         c = min(m[k], local)
         _need(c > 0 and local % c == 0,

@@ -118,7 +118,7 @@ def gpu_devices(target: str, n: int) -> list:
 
 def ring_overlap(devices: list, *, seq: int = 4096, heads: int = 8, head_dim: int = 64,
                  dtype=jnp.float32, layout: str = "zigzag", chunk: int = 512,
-                 pipeline_grads: bool | None = None) -> dict:
+                 pipeline_grads: bool | None = None, kernel: str = "xla") -> dict:
     """Compile the gradient of causal ring attention over `devices` (one ring of all of them)
     and report its collective-permutes. `seq` is the global length; nothing is executed.
     The inputs are taken as already in `layout`, as the model passes them."""
@@ -128,7 +128,7 @@ def ring_overlap(devices: list, *, seq: int = 4096, heads: int = 8, head_dim: in
 
     def loss(q, k, v):
         out = attention_in_layout(q, k, v, mesh=mesh, impl="ring", layout=layout, q_chunk=chunk,
-                                  kv_chunk=chunk, pipeline_grads=pipeline_grads)
+                                  kv_chunk=chunk, pipeline_grads=pipeline_grads, kernel=kernel)
         return jnp.sum(out.astype(jnp.float32))
 
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile().as_text()
@@ -139,4 +139,4 @@ def ring_overlap(devices: list, *, seq: int = 4096, heads: int = 8, head_dim: in
                      "bytes": [r["bytes"] for r in mine]}
     return {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
             "sp": len(devices), "seq": seq, "dtype": jnp.dtype(dtype).name,
-            "pipeline_grads": pipeline_grads, **report}
+            "pipeline_grads": pipeline_grads, "kernel": kernel, **report}

@@ -40,14 +40,15 @@ from ringformer import layout as layouts
 from ringformer import loss as losses
 from ringformer import sharding
 from ringformer.attention import attention_in_layout
-from ringformer.config import DTYPES, IMPLS, LAYOUTS, PIPELINE_GRADS, REMAT_POLICIES, ROPE_SCALINGS
+from ringformer.config import DTYPES, IMPLS, KERNELS, LAYOUTS, PIPELINE_GRADS, REMAT_POLICIES, ROPE_SCALINGS
 from ringformer.errors import ConfigError
 
 F32 = jnp.float32
 ACT = ("batch", "length", "embed")
 
 _ATTENTION_FIELDS = {"attn_impl": "impl", "attn_layout": "layout", "q_chunk": "q_chunk",
-                     "kv_chunk": "kv_chunk", "attn_pipeline_grads": "pipeline_grads"}
+                     "kv_chunk": "kv_chunk", "attn_pipeline_grads": "pipeline_grads",
+                     "attn_kernel": "kernel"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,7 @@ class ModelConfig:
     q_chunk: int = 256
     kv_chunk: int = 256
     attn_pipeline_grads: str = "auto"  # auto | on | off (attention.ring_attention)
+    attn_kernel: str = "xla"  # xla | pallas (attention.ring_attention)
 
     def __post_init__(self) -> None:
         def need(cond: bool, what: str, fix: str) -> None:
@@ -99,7 +101,7 @@ class ModelConfig:
         for name, choices in (("rope_scaling", ROPE_SCALINGS), ("remat", REMAT_POLICIES),
                               ("dtype", DTYPES), ("param_dtype", DTYPES),
                               ("attn_impl", IMPLS), ("attn_layout", LAYOUTS),
-                              ("attn_pipeline_grads", PIPELINE_GRADS)):
+                              ("attn_pipeline_grads", PIPELINE_GRADS), ("attn_kernel", KERNELS)):
             need(getattr(self, name) in choices, f"{name}={getattr(self, name)!r} is not one "
                  f"of {', '.join(choices)}", "pick one of them")
 
@@ -333,7 +335,8 @@ def _attention(cfg: ModelConfig, mesh: Mesh | None, x, lp, cos, sin, segment_ids
     o = attention_in_layout(q, k, v, mesh=mesh, impl=impl, causal=True,
                             segment_ids=segment_ids, q_chunk=cfg.q_chunk,
                             kv_chunk=cfg.kv_chunk, layout=cfg.attn_layout,
-                            pipeline_grads={"auto": None, "on": True, "off": False}[cfg.attn_pipeline_grads])
+                            pipeline_grads={"auto": None, "on": True, "off": False}[cfg.attn_pipeline_grads],
+                            kernel=cfg.attn_kernel)
     o = checkpoint_name(o, "attn_out")
     out = jnp.einsum("bshk,hkd->bsd", o, _use(lp["wo"], ("heads", "head_dim", "embed"), dt, mesh))
     return checkpoint_name(out, "o_proj")

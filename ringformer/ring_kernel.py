@@ -34,6 +34,8 @@ class Options(NamedTuple):
     kv_chunk: int
     scale: float
     pipeline_grads: bool = False
+    kernel: str = "xla"  # "xla": the tile sweeps below; "pallas": fused GPU kernels per block
+    interpret: bool = False  # run the Pallas kernels in the interpreter (CPU)
 
 
 # ----------------------------------------------------------------------------- shared kernel
@@ -264,6 +266,8 @@ def _prescale(q, opts: Options):
 
 def _forward(q, k, v, seg, index, opts: Options, *, home: bool = False):
     """Returns (out, lse), plus this device's key/value block brought home if `home`."""
+    if opts.kernel == "pallas":
+        return _pallas_forward(q, k, v, seg, index, opts, home=home)
     # The masks depend only on index and segments, which are the same in every layer. Without
     # a barrier, differentiating a scan over layers hoists that mask work out of the loops and
     # stores it for every tile: an O(seq^2) buffer. The barrier keeps it inside the tile.
@@ -289,8 +293,41 @@ def _forward(q, k, v, seg, index, opts: Options, *, home: bool = False):
     return (out, lse, kv_side) if home else (out, lse)
 
 
+def _ring_gradients(accumulate, dq, zeros, kv_side, opts: Options):
+    """Run `accumulate(kv_side, dq, dkv) -> (dq, dkv)` on every block of the ring; returns dq and
+    the complete dk/dv of this device's own block, which followed it around the ring."""
+    n = _ring_size(opts)
+    if n > 1 and opts.pipeline_grads:
+        def pipelined(c, _):
+            # `pending` is the gradient of the block held one step ago, complete up to this
+            # device. It goes on with this step's block, both sends issued before the compute,
+            # and what arrives is the running gradient of the block held now. This step's
+            # contribution is added after the compute, so the sends overlap it.
+            dq, kv, pending = c
+            kv_next, incoming = _rotate((kv, pending), opts)
+            dq, mine = accumulate(kv, dq, zeros)
+            return (dq, kv_next, jax.tree.map(jnp.add, incoming, mine)), None
+
+        (dq, _, pending), _ = lax.scan(pipelined, (dq, kv_side, zeros), None, length=n)
+        return dq, _rotate(pending, opts)  # the last block held: its gradient goes home
+
+    def step(carry, kv_side):
+        dq, dkv = carry
+        return accumulate(kv_side, dq, dkv)
+
+    def follow(carry):  # dk/dv follow their block around the ring; after n hops they are home
+        dq, dkv = carry
+        return dq, _rotate(dkv, opts)
+
+    # The block goes all the way home here too, though nothing uses it there: see _ring_loop.
+    (dq, dkv), _ = _ring_loop(step, (dq, zeros), kv_side, opts, home=True, follow=follow)
+    return dq, dkv
+
+
 def _backward(q, kv_side, seg, index, out, lse, dout, opts: Options):
     """kv_side: this device's key/value block in chunk layout, as `_forward` brought it home."""
+    if opts.kernel == "pallas":
+        return _pallas_backward(q, kv_side, seg, index, out, lse, dout, opts)
     dout, seg, index = lax.optimization_barrier((dout, seg, index))  # see _forward
     kv = kv_side[0].shape[2]
     g = q.shape[2] // kv
@@ -303,35 +340,66 @@ def _backward(q, kv_side, seg, index, out, lse, dout, opts: Options):
     dkv_t = jnp.zeros_like(jnp.swapaxes(kv_side[0], -1, -2), F32)  # [nk, b, kv, d, ck]
     dkv = (dkv_t, dkv_t)
 
-    tile = functools.partial(_bwd_tile, opts=opts)
-    n = _ring_size(opts)
-    if n > 1 and opts.pipeline_grads:
-        def pipelined(c, _):
-            # `pending` is the gradient of the block held one step ago, complete up to this
-            # device. It goes on with this step's block, both sends issued before the compute,
-            # and what arrives is the running gradient of the block held now. This step's
-            # contribution is added after the compute, so the sends overlap it.
-            dq, kv, pending = c
-            kv_next, incoming = _rotate((kv, pending), opts)
-            dq, mine = _sweep(tile, q_side, kv, dq, dkv, opts)
-            return (dq, kv_next, jax.tree.map(jnp.add, incoming, mine)), None
+    def accumulate(kv_side, dq, dkv):
+        return _sweep(functools.partial(_bwd_tile, opts=opts), q_side, kv_side, dq, dkv, opts)
 
-        (dq, _, pending), _ = lax.scan(pipelined, (dq, kv_side, dkv), None, length=n)
-        dk_t, dv_t = _rotate(pending, opts)  # the last block held: its gradient goes home
-    else:
-        def step(carry, kv_side):
-            dq, dkv = carry
-            return _sweep(tile, q_side, kv_side, dq, dkv, opts)
-
-        def follow(carry):  # dk/dv follow their block around the ring; after n hops they are home
-            dq, dkv = carry
-            return dq, _rotate(dkv, opts)
-
-        # The block goes all the way home here too, though nothing uses it there: see _ring_loop.
-        (dq, (dk_t, dv_t)), _ = _ring_loop(step, (dq, dkv), kv_side, opts, home=True, follow=follow)
+    dq, (dk_t, dv_t) = _ring_gradients(accumulate, dq, dkv, kv_side, opts)
     dk, dv = (_merge_kv(jnp.swapaxes(x, -1, -2)) for x in (dk_t, dv_t))
     dtype = kv_side[0].dtype
     return (_merge_q(dq, cq) * opts.scale).astype(q.dtype), dk.astype(dtype), dv.astype(dtype)
+
+
+# ----------------------------------------------------------------------------- fused GPU blocks
+# The same ring with one fused kernel per block (`pallas_block`) instead of XLA tile sweeps:
+# arrays stay in [b, seq, heads, d]; a missing segment array becomes zeros (one document).
+
+
+def _pallas_kw(opts: Options, lq: int, lk: int) -> dict:
+    block_q, block_k = min(128, lq), min(64, lk)
+    if lq % block_q or lk % block_k:
+        raise ValueError(f"the pallas kernel needs a local block divisible by 128 (queries) and 64 "
+                         f"(keys); this one has {lq} queries and {lk} keys")
+    return dict(causal=opts.causal, scale=opts.scale, block_q=block_q, block_k=block_k,
+                interpret=opts.interpret)
+
+
+def _with_segments(seg, q):
+    return jnp.zeros(q.shape[:2], jnp.int32) if seg is None else seg
+
+
+def _pallas_forward(q, k, v, seg, index, opts: Options, *, home: bool):
+    from ringformer import pallas_block as pb
+
+    seg = _with_segments(seg, q)
+    kw = _pallas_kw(opts, q.shape[1], k.shape[1])
+
+    def step(acc, kv_side):
+        k, v, ki, ks = kv_side
+        return pb.merge(*acc, *pb.block_forward(q, k, v, index, ki, seg, ks, **kw))
+
+    init = (jnp.zeros(q.shape, F32), jnp.full((q.shape[0], q.shape[2], q.shape[1]), MASK, F32))
+    res = _ring_loop(step, init, (k, v, index, seg), opts, home=home)
+    (o, lse), kv_side = res if home else (res, None)
+    out = o.astype(q.dtype)
+    return (out, lse, kv_side) if home else (out, lse)
+
+
+def _pallas_backward(q, kv_side, seg, index, out, lse, dout, opts: Options):
+    from ringformer import pallas_block as pb
+
+    seg = _with_segments(seg, q)
+    k, v = kv_side[:2]
+    kw = _pallas_kw(opts, q.shape[1], k.shape[1])
+    delta = jnp.einsum("blhd,blhd->bhl", out.astype(F32), dout.astype(F32))
+
+    def accumulate(kv_side, dq, dkv):
+        k, v, ki, ks = kv_side
+        dq_b, dk_b, dv_b = pb.block_backward(q, k, v, index, ki, seg, ks, dout, lse, delta, **kw)
+        return dq + dq_b, (dkv[0] + dk_b, dkv[1] + dv_b)
+
+    zeros = (jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
+    dq, (dk, dv) = _ring_gradients(accumulate, jnp.zeros(q.shape, F32), zeros, kv_side, opts)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

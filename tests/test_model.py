@@ -129,11 +129,15 @@ def test_gradients_match_transformers(llama, tokens, single_device_grads, tmp_pa
         assert rel_err(ours[name], want) < 1e-4, name
 
 
-@pytest.mark.parametrize("mesh_name,pipeline", [("dp2_sp4", "auto"), ("fsdp2_sp2_tp2", "on")])
-def test_gradients_agree_across_meshes(llama, tokens, single_device_grads, mesh_name, pipeline):
-    """`pipeline="on"` runs the accelerators' backward schedule (dk/dv sent a step late)."""
+@pytest.mark.parametrize("mesh_name,pipeline,kernel", [
+    ("dp2_sp4", "auto", "xla"), ("fsdp2_sp2_tp2", "on", "xla"), ("fsdp2_sp2_tp2", "auto", "pallas")])
+def test_gradients_agree_across_meshes(llama, tokens, single_device_grads, mesh_name, pipeline,
+                                       kernel):
+    """`pipeline="on"` runs the accelerators' backward schedule (dk/dv sent a step late);
+    `kernel="pallas"` the fused GPU kernels, in Pallas's interpreter."""
     _, cfg, params = llama
-    mesh, cfg = _mesh_and_cfg(mesh_name, dataclasses.replace(cfg, attn_pipeline_grads=pipeline))
+    cfg = dataclasses.replace(cfg, attn_pipeline_grads=pipeline, attn_kernel=kernel)
+    mesh, cfg = _mesh_and_cfg(mesh_name, cfg)
     value, grads = _loss_and_grads(cfg, params, _packed_batch(tokens), mesh)
     ref_value, ref_grads = single_device_grads
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)

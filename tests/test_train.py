@@ -186,6 +186,8 @@ def smoke_config():
     ("attention.q_chunk", 12, "attention.q_chunk=12 does not divide"),
     ("attention.impl", "flash", "attention.impl='flash' is not one of"),
     ("attention.pipeline_grads", "yes", "attention.pipeline_grads='yes' is not one of"),
+    ("attention.kernel", "cuda", "attention.kernel='cuda' is not one of"),
+    ("attention.kernel", "pallas", "needs ring or blockwise attention over a multiple of 128 tokens"),
     ("data.global_batch_size", 3, "data.global_batch_size=3 is not divisible by dp*fsdp=2"),
 ])
 def test_validation_names_the_problem(key, value, message):
