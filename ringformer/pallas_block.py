@@ -81,6 +81,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qi_ref, ki_ref, qs_ref, ks_ref, o_ref, lse_
     lse_ref[...] = jnp.where(seen, m + jnp.log(l), MASK)
 
 
+def _query_grid_specs(block_q: int, lk: int, d: int, g: int):
+    """Block specs of a kernel gridded over (query tile i, batch, query head): its query tile,
+    the whole key/value block of the head's group, its rows of [b, h, Lq] statistics, and the
+    index and segment blocks of both sides."""
+    q_tile = pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
+    kv_all = pl.BlockSpec((None, lk, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0))
+    row = pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))
+    masks = [pl.BlockSpec((block_q,), lambda i, bi, hi: (i,)),
+             pl.BlockSpec((lk,), lambda i, bi, hi: (0,)),
+             pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i)),
+             pl.BlockSpec((None, lk), lambda i, bi, hi: (bi, 0))]
+    return q_tile, kv_all, row, masks
+
+
 def block_forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal: bool, scale: float,
                   block_q: int = 64, block_k: int = 64, interpret: bool = False):
     """(o [b, Lq, h, d] fp32, lse [b, h, Lq] fp32) of q against this key/value block alone.
@@ -88,23 +102,12 @@ def block_forward(q, k, v, q_index, kv_index, q_seg, kv_seg, *, causal: bool, sc
     b, lq, h, d = q.shape
     lk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
-    kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, block_k=block_k)
+    q_tile, kv_all, row, masks = _query_grid_specs(block_q, lk, d, g)
     return pl.pallas_call(
-        kernel,
+        functools.partial(_fwd_kernel, scale=scale, causal=causal, block_k=block_k),
         grid=(lq // block_q, b, h),
-        in_specs=[
-            pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-            pl.BlockSpec((None, lk, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
-            pl.BlockSpec((None, lk, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
-            pl.BlockSpec((block_q,), lambda i, bi, hi: (i,)),
-            pl.BlockSpec((lk,), lambda i, bi, hi: (0,)),
-            pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i)),
-            pl.BlockSpec((None, lk), lambda i, bi, hi: (bi, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-            pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i)),
-        ],
+        in_specs=[q_tile, kv_all, kv_all, *masks],
+        out_specs=[q_tile, row],
         out_shape=[jax.ShapeDtypeStruct((b, lq, h, d), F32),
                    jax.ShapeDtypeStruct((b, h, lq), F32)],
         compiler_params=_params(interpret, 4 if d <= 64 else 8),
@@ -204,22 +207,12 @@ def block_backward(q, k, v, q_index, kv_index, q_seg, kv_seg, do, lse, delta, *,
         out_shape=[jax.ShapeDtypeStruct((b, lk, kvh, d), F32)] * 2,
         compiler_params=params, interpret=interpret, name="ring_block_dkv",
     )(*args)
+    q_tile, kv_all, row, masks = _query_grid_specs(block_q, lk, d, g)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, causal=causal, block_k=block_k),
         grid=(lq // block_q, b, h),
-        in_specs=[
-            pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-            pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-            pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i)),
-            pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i)),
-            pl.BlockSpec((None, lk, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
-            pl.BlockSpec((None, lk, None, d), lambda i, bi, hi: (bi, 0, hi // g, 0)),
-            pl.BlockSpec((block_q,), lambda i, bi, hi: (i,)),
-            pl.BlockSpec((lk,), lambda i, bi, hi: (0,)),
-            pl.BlockSpec((None, block_q), lambda i, bi, hi: (bi, i)),
-            pl.BlockSpec((None, lk), lambda i, bi, hi: (bi, 0)),
-        ],
-        out_specs=pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+        in_specs=[q_tile, q_tile, row, row, kv_all, kv_all, *masks],
+        out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct((b, lq, h, d), F32),
         compiler_params=params, interpret=interpret, name="ring_block_dq",
     )(*args)
