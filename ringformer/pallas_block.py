@@ -44,9 +44,11 @@ def _visible(qi, ki, qs, ks, causal: bool):
     return mask
 
 
-def _any_visible(qi, ki, causal: bool):
-    """A tile wholly above the diagonal is skipped (segments are checked per entry)."""
-    return jnp.max(qi) >= jnp.min(ki) if causal else True
+def _any_visible(qi, ki, qs, ks, causal: bool):
+    """False when no entry of the tile can be visible, so it is skipped: wholly above the
+    diagonal, or query and key segment ranges that do not overlap (no shared document)."""
+    share = jnp.logical_and(jnp.max(qs) >= jnp.min(ks), jnp.min(qs) <= jnp.max(ks))
+    return jnp.logical_and(share, jnp.max(qi) >= jnp.min(ki)) if causal else share
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qi_ref, ki_ref, qs_ref, ks_ref, o_ref, lse_ref, *,
@@ -71,7 +73,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qi_ref, ki_ref, qs_ref, ks_ref, o_ref, lse_
             o = o * corr[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=F32)
             return o, m_new, l * corr + jnp.sum(p, axis=1)
 
-        return lax.cond(_any_visible(qi, ki, causal), compute, lambda c: c, carry)
+        return lax.cond(_any_visible(qi, ki, qs, ks, causal), compute, lambda c: c, carry)
 
     init = (jnp.zeros((bq, d), F32), jnp.full((bq,), MASK, F32), jnp.zeros((bq,), F32))
     o, m, l = lax.fori_loop(0, k_ref.shape[0] // block_k, body, init)
@@ -148,7 +150,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qi_ref, ki_ref,
                 ds = p * (dp - delta[:, None]) * scale
                 return dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=F32), dv
 
-            return lax.cond(_any_visible(qi, ki, causal), compute, lambda c: c, carry)
+            return lax.cond(_any_visible(qi, ki, qs, ks, causal), compute, lambda c: c, carry)
 
         dk, dv = lax.fori_loop(0, q_ref.shape[0] // block_q, body, (dk, dv))
     dk_ref[...] = dk
@@ -174,7 +176,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qi_ref, ki_ref, 
             ds = p * (dp - delta[:, None]) * scale
             return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=F32)
 
-        return lax.cond(_any_visible(qi, ki, causal), compute, lambda c: c, dq)
+        return lax.cond(_any_visible(qi, ki, qs, ks, causal), compute, lambda c: c, dq)
 
     dq_ref[...] = lax.fori_loop(0, k_ref.shape[0] // block_k, body, jnp.zeros(q.shape, F32))
 
