@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ringformer import layout as layouts
-from ringformer.attention import attention, chunk_sizes, tile_counts
+from ringformer.attention import DEFAULT_KV_CHUNK, DEFAULT_Q_CHUNK, attention, chunk_sizes, tile_counts
 from ringformer.config import KERNELS
 from ringformer.mesh import make_mesh
 
@@ -62,6 +62,7 @@ def balance(*, seq_len: int = 32768, sp: int = 8, chunk: int = 512) -> dict:
     A ring step lasts as long as its busiest device, so the cost of a layout is the sum over
     steps of the per-step maximum; `max_over_mean` divides it by the sum of per-step means.
     """
+    _check_split(seq_len, sp, chunk)
     rows = []
     for name in layouts.LAYOUTS:
         c = min(chunk, seq_len // sp // 2) if name == "zigzag" else chunk
@@ -81,6 +82,23 @@ def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> f
     as 2 FLOPs and the masked half not counted: forward 2 matmuls, backward 4 (no recompute)."""
     full_matmul = 2.0 * batch * heads * seq * seq * head_dim
     return 6 * full_matmul / 2
+
+
+def _check_split(seq: int, sp: int, chunk: int | None = None) -> None:
+    """A --seq the benchmark cannot split is a bad input: one error line, not a traceback."""
+    from ringformer.errors import ConfigError
+
+    if seq <= 0 or seq % (2 * sp):
+        raise ConfigError(f"--seq {seq} does not split into two zigzag halves on each of {sp} devices",
+                          f"use a multiple of {2 * sp}")
+    # The one-device rows chunk the whole sequence, the rings each device's block or its halves;
+    # no --chunk means the kernel's default query and key chunks.
+    for c in (chunk,) if chunk else (DEFAULT_Q_CHUNK, DEFAULT_KV_CHUNK):
+        for length in (seq, seq // sp, seq // (2 * sp)):
+            if length % min(c, length):
+                raise ConfigError(f"a {c}-token chunk does not divide the {length}-token blocks of "
+                                  f"--seq {seq} on 1 and {sp} devices",
+                                  f"use a --seq that is a multiple of {2 * sp * c}")
 
 
 def _random_qkv(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int):
@@ -108,6 +126,7 @@ def attention_speed(*, seq: int = 8192, sp: int = 8, heads: int = 8, kv_heads: i
                     layout: str = "zigzag", include_dense: bool = True, repeats: int = 2) -> dict:
     """Forward+backward time of causal attention: ring over sp, blockwise and dense on one device.
     `chunk=None` runs the kernel's default chunks."""
+    _check_split(seq, sp, chunk)
     q, k, v = _random_qkv(batch, seq, heads, kv_heads, head_dim)
     flops = causal_attention_flops(batch, seq, heads, head_dim)
     ring = [("ring", sp, lay, _chunks(chunk, seq // sp, lay, sp)) for lay in (layout, "contiguous")]
@@ -145,6 +164,7 @@ def layout_speed(*, seq: int = 8192, sp: int | None = None, heads: int = 8, head
     device, and the balance of `balance()` shows up as time. Blockwise on one device is the
     reference (it uses every core through intra-op threads)."""
     sp = jax.device_count() if sp is None else sp
+    _check_split(seq, sp, chunk)
     q, k, v = _random_qkv(1, seq, heads, heads, head_dim)
     cases = [("blockwise", 1, "contiguous"), *(("ring", sp, lay) for lay in layouts.LAYOUTS)]
     fns = {}
@@ -180,6 +200,7 @@ def ring_hlo_report(*, seq: int = 4096, sp: int = 8, heads: int = 8, head_dim: i
     (`pipeline_grads`); the top level describes the one the model uses on these devices."""
     from ringformer import hlo_overlap
 
+    _check_split(seq, sp)
     if target is None:
         devices, dtype = jax.devices()[:sp], jnp.float32
     else:
@@ -232,11 +253,14 @@ def bench_model_config(shape: str = "small"):
 
 
 def _step_parts(config, mesh_sizes: dict, seq: int, batch: int, devices: list | None = None):
+    from ringformer.config import validate
+
     model, optim, sharding, train = _train_parts()
     config = config.copy_and_resolve_references()
     config.mesh.update(mesh_sizes)
     config.data.seq_len, config.data.global_batch_size = seq, batch
     mesh = _mesh(devices=devices, **mesh_sizes)
+    validate(config, mesh.size)  # a --seq the mesh or chunks cannot split: one error line
     cfg = model.ModelConfig.from_config(config)
     tx = optim.make_optimizer(config.optim, 100)
     step = train.make_train_step(cfg, tx, mesh)

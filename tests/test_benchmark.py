@@ -95,8 +95,11 @@ def test_bad_arguments_give_one_error_line():
 @pytest.mark.parametrize("args,message", [
     (["attention", "--target", "h100"], "error: --target applies to memory, hlo and gpu, not attention"),
     (["gpu", "--target", "tpu9"], "error: unknown GPU target 'tpu9' (use one of h100)"),
+    (["hlo", "--sp", "3"], "error: --seq 4096 does not split into two zigzag halves on each of 3"),
+    (["attention", "--seq", "1000", "--sp", "2"], "error: a 512-token chunk does not divide the 1000"),
+    (["step", "--seq", "1000"], "error: attention.q_chunk=256 does not divide the 1000 tokens"),
 ])
-def test_bad_gpu_targets_give_one_error_line(args, message):
+def test_bad_targets_and_sizes_give_one_error_line(args, message):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2
