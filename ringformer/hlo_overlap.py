@@ -19,11 +19,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ringformer.attention import attention_in_layout
-from ringformer.config import MESH_AXES
 from ringformer.errors import UserError
+from ringformer.mesh import make_mesh
 
 GPU_TARGETS = Path(__file__).parent / "gpu_targets"
 
@@ -122,7 +122,7 @@ def ring_overlap(devices: list, *, seq: int = 4096, heads: int = 8, head_dim: in
     """Compile the gradient of causal ring attention over `devices` (one ring of all of them)
     and report its collective-permutes. `seq` is the global length; nothing is executed.
     The inputs are taken as already in `layout`, as the model passes them."""
-    mesh = Mesh(np.array(devices).reshape(1, 1, len(devices), 1), MESH_AXES)
+    mesh = make_mesh({"dp": 1, "fsdp": 1, "sp": len(devices), "tp": 1}, devices)
     spec = jax.ShapeDtypeStruct((1, seq, heads, head_dim), dtype,
                                 sharding=NamedSharding(mesh, PartitionSpec(None, "sp")))
 

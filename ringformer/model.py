@@ -49,6 +49,8 @@ ACT = ("batch", "length", "embed")
 _ATTENTION_FIELDS = {"attn_impl": "impl", "attn_layout": "layout", "q_chunk": "q_chunk",
                      "kv_chunk": "kv_chunk", "attn_pipeline_grads": "pipeline_grads",
                      "attn_kernel": "kernel"}
+# config.attention.pipeline_grads -> attention's argument (None: decided by the mesh's platform).
+_PIPELINE_GRADS = {"auto": None, "on": True, "off": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +337,7 @@ def _attention(cfg: ModelConfig, mesh: Mesh | None, x, lp, cos, sin, segment_ids
     o = attention_in_layout(q, k, v, mesh=mesh, impl=impl, causal=True,
                             segment_ids=segment_ids, q_chunk=cfg.q_chunk,
                             kv_chunk=cfg.kv_chunk, layout=cfg.attn_layout,
-                            pipeline_grads={"auto": None, "on": True, "off": False}[cfg.attn_pipeline_grads],
+                            pipeline_grads=_PIPELINE_GRADS[cfg.attn_pipeline_grads],
                             kernel=cfg.attn_kernel)
     o = checkpoint_name(o, "attn_out")
     out = jnp.einsum("bshk,hkd->bsd", o, _use(lp["wo"], ("heads", "head_dim", "embed"), dt, mesh))

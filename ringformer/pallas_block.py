@@ -25,8 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-MASK = -1e30
-F32 = jnp.float32
+from ringformer.ring_kernel import F32, MASK
 
 
 def _params(interpret: bool, num_warps: int):
@@ -126,6 +125,15 @@ def merge(o, lse, o_blk, lse_blk):
     return o * w_old + o_blk * w_blk, new
 
 
+def _recompute(q, k, v, do, lse, delta, mask, scale: float):
+    """A backward tile from the forward's global lse: probabilities p and ds = p (dp - delta),
+    ds already carrying the 1/sqrt(d) that dq and dk need."""
+    s = jnp.dot(q, k.T, preferred_element_type=F32) * scale
+    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    dp = jnp.dot(do, v.T, preferred_element_type=F32)
+    return p, p * (dp - delta[:, None]) * scale
+
+
 def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qi_ref, ki_ref, qs_ref, ks_ref,
                 dk_ref, dv_ref, *, scale: float, causal: bool, block_q: int, group: int):
     k, v = k_ref[...], v_ref[...]
@@ -141,13 +149,9 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qi_ref, ki_ref,
             def compute(carry):
                 dk, dv = carry
                 q, do = q_ref[sl, hh, :], do_ref[sl, hh, :]
-                lse, delta = lse_ref[hh, sl], delta_ref[hh, sl]
-                s = jnp.dot(q, k.T, preferred_element_type=F32) * scale
-                mask = _visible(qi, ki, qs, ks, causal)
-                p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+                p, ds = _recompute(q, k, v, do, lse_ref[hh, sl], delta_ref[hh, sl],
+                                   _visible(qi, ki, qs, ks, causal), scale)
                 dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=F32)
-                dp = jnp.dot(do, v.T, preferred_element_type=F32)
-                ds = p * (dp - delta[:, None]) * scale
                 return dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=F32), dv
 
             return lax.cond(_any_visible(qi, ki, qs, ks, causal), compute, lambda c: c, carry)
@@ -169,11 +173,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qi_ref, ki_ref, 
 
         def compute(dq):
             k, v = k_ref[sl, :], v_ref[sl, :]
-            s = jnp.dot(q, k.T, preferred_element_type=F32) * scale
-            mask = _visible(qi, ki, qs, ks, causal)
-            p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-            dp = jnp.dot(do, v.T, preferred_element_type=F32)
-            ds = p * (dp - delta[:, None]) * scale
+            _, ds = _recompute(q, k, v, do, lse, delta, _visible(qi, ki, qs, ks, causal), scale)
             return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=F32)
 
         return lax.cond(_any_visible(qi, ki, qs, ks, causal), compute, lambda c: c, dq)

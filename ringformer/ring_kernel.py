@@ -225,14 +225,15 @@ def _ring_loop(step, carry, kv, opts: Options, *, home: bool = False, follow=Non
     Each step's send of the block is issued before the step's compute, so XLA can run the
     collective-permute asynchronously under the compute (the overlap the paper relies on).
 
-    With `home`, the last block is sent on too, so this device's own block comes back: returns
-    (carry, own block). It costs one more send and saves a block of memory in training:
+    Returns (carry, own block), the block None unless `home`. With `home`, the last block is
+    sent on too, so this device's own block comes back. It costs one more send and saves a
+    block of memory in training:
     - the forward keeps the returned copy for the backward instead of its original, which then
       dies after the first send: two blocks live at once, not three;
     - in the backward every send stays inside the loop. With n - 1 steps a ring of two has a
       one-step loop, which XLA inlines; its send is then issued as soon as the block exists,
       early in the layer's recomputed forward, and holds a second block through the rest of it.
-    Without `home`, the last send is skipped and only the carry is returned.
+    Without `home`, the last send is skipped.
 
     `follow(carry) -> carry`, if given, sends on what must travel with the block once the
     step has produced it (the backward's dk/dv). XLA combines collective-permutes over the same
@@ -243,8 +244,7 @@ def _ring_loop(step, carry, kv, opts: Options, *, home: bool = False, follow=Non
     """
     n = _ring_size(opts)
     if n == 1:
-        carry = step(carry, kv)
-        return (carry, kv) if home else carry
+        return step(carry, kv), kv if home else None
 
     def body(c, _):
         carry, kv = c
@@ -256,7 +256,7 @@ def _ring_loop(step, carry, kv, opts: Options, *, home: bool = False, follow=Non
         return (carry, kv_next), None
 
     (carry, kv), _ = lax.scan(body, (carry, kv), None, length=n if home else n - 1)
-    return (carry, kv) if home else step(carry, kv)
+    return (carry, kv) if home else (step(carry, kv), None)
 
 
 def _prescale(q, opts: Options):
@@ -285,8 +285,8 @@ def _forward(q, k, v, seg, index, opts: Options, *, home: bool = False):
         acc, _ = _sweep(functools.partial(_fwd_tile, opts=opts), q_side, kv_side, acc, (), opts)
         return acc
 
-    res = _ring_loop(step, (o, m, l), _kv_side(k, v, seg, index, ck), opts, home=home)
-    (o, m, l), kv_side = res if home else (res, None)
+    (o, m, l), kv_side = _ring_loop(step, (o, m, l), _kv_side(k, v, seg, index, ck), opts,
+                                    home=home)
     l = jnp.where(l == 0.0, 1.0, l)  # only rows that see nothing (none in causal/self attention)
     out = _merge_q(o / l[..., None], cq).astype(q.dtype)
     lse = m + jnp.log(l)  # [nq, b, kv, g*cq]
@@ -378,8 +378,7 @@ def _pallas_forward(q, k, v, seg, index, opts: Options, *, home: bool):
         return pb.merge(*acc, *pb.block_forward(q, k, v, index, ki, seg, ks, **kw))
 
     init = (jnp.zeros(q.shape, F32), jnp.full((q.shape[0], q.shape[2], q.shape[1]), MASK, F32))
-    res = _ring_loop(step, init, (k, v, index, seg), opts, home=home)
-    (o, lse), kv_side = res if home else (res, None)
+    (o, lse), kv_side = _ring_loop(step, init, (k, v, index, seg), opts, home=home)
     out = o.astype(q.dtype)
     return (out, lse, kv_side) if home else (out, lse)
 
