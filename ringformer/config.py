@@ -199,7 +199,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int
     local = d.seq_len // sp if d.seq_len % sp == 0 else None
     _need(local is not None, f"data.seq_len={d.seq_len} is not divisible by mesh.sp={sp}",
           f"use a multiple of {sp}")
-    if a.layout == "zigzag":
+    if a.layout == "zigzag" and sp > 1:
         _need(local % 2 == 0, f"zigzag layout needs an even block per device, got {local}",
               f"use a data.seq_len that is a multiple of {2 * sp}")
     per_device = local if a.impl == "ring" else d.seq_len

@@ -24,7 +24,8 @@ LAYOUTS = ("contiguous", "striped", "zigzag")
 def _check(layout: str, seq_len: int, n: int) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
-    unit = 2 * n if layout == "zigzag" else n
+    # One device holds the whole sequence in natural order under every layout.
+    unit = 2 * n if layout == "zigzag" and n > 1 else n
     if seq_len % unit:
         raise ValueError(f"layout {layout!r} over {n} devices needs a sequence divisible by {unit}, "
                          f"got {seq_len}")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ringformer import layout
-from ringformer.attention import attention, tile_counts
+from ringformer.attention import attention, attention_in_layout, tile_counts
 from tests.test_attention import make_inputs, mesh_of, reference, rel_err, value_and_grads
 
 
@@ -24,6 +24,16 @@ def test_local_token_index_matches_the_permutation(name):
     for dev in range(n):
         np.testing.assert_array_equal(np.asarray(layout.local_token_index(name, seq // n, n, dev)),
                                       perm[dev])
+
+
+@pytest.mark.parametrize("name", layout.LAYOUTS)
+def test_one_device_keeps_natural_order_for_any_length(name):
+    # A model configured for zigzag must still run unsharded on odd lengths (mesh=None, sp=1).
+    np.testing.assert_array_equal(layout.permutation(name, 9, 1), np.arange(9))
+    q, k, v, dout, seg = make_inputs(s=9, seed=3)
+    out = attention_in_layout(q, k, v, mesh=None, impl="blockwise", layout=name, segment_ids=seg,
+                              q_chunk=3, kv_chunk=3)
+    assert rel_err(out, reference(q, k, v, dout, causal=True, seg=seg)[0]) < 1e-5
 
 
 def test_layouts_place_tokens_as_documented():
