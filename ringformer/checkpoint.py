@@ -490,7 +490,10 @@ class Checkpointer:
                 problems.append(f"{n} is {s_dtype} in the checkpoint but {w_dtype} in this run")
         if problems:
             more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+            # Only optimizer leaves differ: the model matches, optim.* (e.g. clip_norm) changed.
+            what, fix = ("optimizer", "resume with the run's optim settings") if all(
+                p.startswith("opt_state") for p in problems) else ("model", "run with the config "
+                                                                   "the checkpoint was written with")
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} was written by a different model config:"
-                f" {'; '.join(problems[:3])}{more}",
-                "run with the config the checkpoint was written with, or use a fresh --workdir")
+                f"checkpoint step {step} in {self.directory} was written by a different {what} config:"
+                f" {'; '.join(problems[:3])}{more}", f"{fix}, or use a fresh --workdir")

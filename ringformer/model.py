@@ -121,6 +121,11 @@ class ModelConfig:
         kw = {k: v for k, v in dict(config.model).items() if k in names}
         attn = dict(config.get("attention", {}))
         kw.update({f: attn[k] for f, k in _ATTENTION_FIELDS.items() if k in attn})
+        # A model trained past the positions it was built for (a context-extension stage from
+        # an imported LLaMA) supports the context it was trained at.
+        trained = int(config.get("data", {}).get("seq_len", 0))
+        if kw.get("max_position", 0) > 0:
+            kw["max_position"] = max(kw["max_position"], trained)
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:

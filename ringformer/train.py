@@ -247,23 +247,30 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
     schedule = optim.make_schedule(config.optim, cfg_t.steps)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg_t.keep_checkpoints)
     start = 0
+    progress: dict = {}
     try:
         # Checkpoints are judged before the state is built: a damaged or foreign checkpoint
         # is reported without compiling anything.
         latest = checkpointer.latest_valid_step()
         if latest is not None:
             _check_compatible(checkpointer.read_json(latest)[1], config)
+        if latest:
             # Restored straight onto the shardings: no initialised state is built and dropped.
             state, data_state, _ = checkpointer.restore(
                 latest, abstract_state(model_cfg, tx, mesh))
             train_iter.restore(data_state)
+            progress = data_state
             start = int(state.step)
             if checkpointer.skipped and lead:  # the skipped steps were each warned about
                 log.warning("resuming from checkpoint step %d", start)
         else:
+            # A step-0 checkpoint (`convert_hf.py import`, or a run stopped before its first
+            # step) holds weights but no training: it starts this run like `init_from`, with
+            # this config's optimizer, data order and config.json, not the writer's.
             state = init_state(model_cfg, tx, mesh, cfg_t.seed)
-            if cfg_t.init_from:
-                state = _init_from(cfg_t.init_from, model_cfg, state, tx)
+            source = str(workdir) if latest == 0 else cfg_t.init_from
+            if source:
+                state = _init_from(source, model_cfg, state, tx)
             if lead:
                 (workdir / "config.json").write_text(json.dumps(_config_json(config), indent=2)
                                                      + "\n")
@@ -285,18 +292,24 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
     tokens_per_step = cfg_d.global_batch_size * cfg_d.seq_len
     flops_per_token = metrics.flops_per_token(config.model, cfg_d.seq_len)
 
+    # The steps since the last log row travel with the checkpoint: a run resumed between two
+    # rows logs the same rows as one that never stopped.
+    window: list[dict] = progress.get("log_window", [])
+    skipped = int(progress.get("skipped_steps", 0))
+
     def save(step: int) -> None:
-        checkpointer.save(step, state, data_state=train_iter.state(),
-                          config_json=_config_json(config))
+        checkpointer.save(step, state, config_json=_config_json(config),
+                          data_state={**train_iter.state(), "log_window": window,
+                                      "skipped_steps": skipped})
 
     # Test-only fault injection (tests/test_reliability.py), read here and nowhere else: a NaN
     # loss mask at this step gives the real step function a non-finite loss and gradients.
     nan_at_step = int(os.environ.get("RINGFORMER_TEST_NAN_AT_STEP") or 0)
     last: dict[str, Any] = {"step": start}
-    window: list[dict] = []
-    skipped = 0
     bar = metrics.progress_bar(cfg_t.steps, initial=start, enabled=lead)
-    t_window = time.perf_counter()
+    # Throughput counts the steps this process ran since the last row (a resumed window's
+    # earlier steps ran in another process), over their time.
+    t_window, timed = time.perf_counter(), 0
     step = start
     try:
         while step < cfg_t.steps:
@@ -308,6 +321,7 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
             state, m = step_fn(state, batch)
             m = jax.device_get(m)
             step += 1
+            timed += 1
             if not m["finite"]:
                 if not cfg_t.skip_nonfinite:
                     raise UserError(f"non-finite loss or gradient norm at step {step} "
@@ -316,11 +330,11 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
                                     "is kept, or set train.skip_nonfinite=True to skip such steps")
                 skipped += 1
             else:
-                window.append(m)
+                window.append({"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])})
             if step % cfg_t.log_every == 0 or step == cfg_t.steps:
                 elapsed = time.perf_counter() - t_window
                 n_steps = max(len(window), 1)
-                tps = tokens_per_step * n_steps / max(elapsed, 1e-9)
+                tps = tokens_per_step * timed / max(elapsed, 1e-9)
                 # A window of skipped steps only has no loss: NaN, which metrics.jsonl writes
                 # as null (None itself is not a number the logger accepts).
                 row = {"loss": float(sum(w["loss"] for w in window) / n_steps) if window
@@ -336,12 +350,13 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
                 bar.set_postfix(loss=f"{row['loss']:.4f}" if window else "nan",
                                 tok_s=f"{tps:,.0f}")
                 last.update(row)
-                window, t_window = [], time.perf_counter()
+                window, t_window, timed = [], time.perf_counter(), 0
             if eval_set and (step % cfg_t.eval_every == 0 or step == cfg_t.steps):
+                t_eval = time.perf_counter()
                 ev = evaluate.eval_loss(eval_step, state.params, eval_set)
                 row = logger.log(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
                 last.update(row)
-                t_window = time.perf_counter()
+                t_window += time.perf_counter() - t_eval  # evaluating is not training throughput
             if step % cfg_t.save_every == 0:
                 save(step)
             bar.update(1)

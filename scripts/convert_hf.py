@@ -5,10 +5,12 @@
 
 `import` writes a step-0 checkpoint (the HF weights, a fresh optimizer state) into a new
 workdir; `scripts/train.py --workdir DIR` with a config whose model matches then fine-tunes
-from it (the command to use is printed). `export` writes the newest valid (or --step)
-checkpoint's parameters as config.json + model.safetensors for transformers.
+from it (the command to use is printed), with that config's optimizer, seed and data.
+`export` writes the newest valid (or --step) checkpoint's parameters as config.json +
+model.safetensors for transformers.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -81,7 +83,10 @@ def export_hf(workdir: str, out_dir: str, step: int | None) -> None:
     from ringformer import hf, model, train
 
     config, state = train.restore_run(workdir, ONE_HOST_MESH, step=step)
-    hf.save_llama(model.ModelConfig.from_config(config), state.params, out_dir)
+    cfg = model.ModelConfig.from_config(config)
+    # HF needs a position limit; a run without one (0) claims the context it was trained at.
+    cfg = dataclasses.replace(cfg, max_position=cfg.max_position or int(config.data.seq_len))
+    hf.save_llama(cfg, state.params, out_dir)
     print(f"exported step {int(state.step)} of {workdir} to {out_dir}")
 
 

@@ -226,6 +226,11 @@ def test_incompatible_shapes_raise_naming_the_leaf(tmp_path):
     with Checkpointer(tmp_path, keep=3) as ck, pytest.raises(CheckpointError) as e:
         ck.restore(1, abstract(extra))
     assert "params.final_norm is not in the checkpoint" in e.value.what
+    unclipped = make_state(m)  # same model, optim.clip_norm=0: another optimizer tree
+    unclipped["opt_state"] = make_optimizer({**OPTIM, "clip_norm": 0.0}, 10).init(unclipped["params"])
+    with Checkpointer(tmp_path, keep=3) as ck, pytest.raises(CheckpointError) as e:
+        ck.restore(1, abstract(unclipped))
+    assert "different optimizer config" in e.value.what and "optim settings" in e.value.fix
 
 
 def test_failed_background_commit_is_reported_and_leaves_step_invalid(tmp_path, monkeypatch):

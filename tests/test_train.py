@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,6 +155,31 @@ def test_sigkill_then_resume_is_bitwise(straight, corpus, tmp_path, moment):
     assert_same_run(straight, tmp_path)
 
 
+def test_resume_between_two_log_rows_logs_the_same_rows(corpus, tmp_path):
+    """Rows average the steps since the last row; those before a stop must survive it."""
+    every = ("--config.train.log_every=4", "--config.train.save_every=3")
+    run_train(tmp_path / "a", corpus, *every)
+    assert [r["step"] for r in rows(tmp_path / "a") if "loss" in r] == [4, 6]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")  # as if killed after step 3's save
+    run_train(tmp_path / "b", corpus, *every)
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_export_records_the_trained_context(straight, tmp_path):
+    """A run without a position limit exports its training length, not an invented one."""
+    out = tmp_path / "hf"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_hf.py"), "export",
+                           "--workdir", str(straight), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 128
+    from ringformer.model import ModelConfig
+    config = smoke_config()
+    config.model.max_position = 64  # built for 64 positions, trained at 128: extended
+    assert ModelConfig.from_config(config).max_position == 128
+
+
 def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
     """Accumulating 2 microbatches gives the losses of the whole batch in one pass."""
     common = ("--config.train.steps=2", "--config.train.eval_every=100", "--config.mesh.fsdp=1",
@@ -226,6 +252,39 @@ def test_init_from_a_hugging_face_model(corpus, tmp_path):
     expected = jax.tree.leaves(load_llama(str(hf_dir))[1])
     for got, want in zip(params, expected, strict=True):
         np.testing.assert_allclose(got, np.asarray(want, np.float32), atol=1e-6)
+
+
+def test_fine_tuning_an_import_uses_the_fine_tune_config(corpus, tmp_path):
+    """`convert_hf.py import` writes step 0 with default optimizer and seed; training from it
+    must start from those weights under its own optimizer (no clipping here), seed and config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ringformer.hf import load_llama
+
+    hf_dir, run = tmp_path / "hf", tmp_path / "run"
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+        rms_norm_eps=1e-5, max_position_embeddings=256)).save_pretrained(hf_dir)
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_hf.py"), "import",
+                           str(hf_dir), "--workdir", str(run)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_train(run, corpus, "--config.optim.clip_norm=0", "--config.train.seed=5",
+              "--config.train.steps=1", "--config.optim.lr=1e-12", "--config.optim.warmup_steps=0",
+              "--config.train.eval_every=100", "--config.model.max_position=256")
+    step, params = final_params(run)
+    import jax
+    assert step == 1
+    for got, want in zip(params, jax.tree.leaves(load_llama(str(hf_dir))[1]), strict=True):
+        np.testing.assert_allclose(got, np.asarray(want, np.float32), atol=1e-6)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["optim"]["clip_norm"] == 0 and saved["train"]["seed"] == 5
+    from ringformer.checkpoint import Checkpointer
+    with Checkpointer(run, keep=3) as ckpt:
+        assert ckpt.read_json(1)[0]["seed"] == 5  # this run's data order, not the import's
 
 
 def test_a_signal_during_the_stop_flag_exchange_counts_at_the_next_step(monkeypatch):
