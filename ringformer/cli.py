@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from ringformer.config import check_config, check_structure
 from ringformer.errors import ConfigError, UserError
 
 
@@ -45,11 +46,28 @@ def run_main(main: Callable[[], int | None]) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         _exit_all_processes(f"error: {e}", 2)
+        _exit_past_stuck_threads(2)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted (run the same command again to resume)", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _exit_past_stuck_threads(code: int) -> None:
+    """Exit now if a library thread would keep the process alive after the error.
+
+    A failed checkpoint save leaves orbax's writer threads (not daemons) waiting 300 s each
+    for a directory that was never made, and Python joins them at exit. Everything of ours is
+    closed by now (the trainer's `finally` blocks ran), so nothing is lost by not waiting.
+    """
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _exit_all_processes(message: str, code: int) -> None:
@@ -66,15 +84,33 @@ def _exit_all_processes(message: str, code: int) -> None:
     mesh._hard_exit(code)
 
 
+# The CPU devices are made when jax starts, before the mesh can be checked: a typo such as
+# sp=20000 had the host build 40000 of them and hang. No host holds this many accelerators
+# either, so past it the mesh is a mistake or wants more processes.
+MAX_DEVICES_PER_PROCESS = 512
+
+
 def devices_for_mesh(mesh_cfg, num_processes: int = 1) -> int:
     """Virtual CPU devices this process needs for `mesh_cfg` (-1 fills up to 8 in all)."""
-    sizes = [int(mesh_cfg[a]) for a in ("dp", "fsdp", "sp", "tp")]
+    axes = ("dp", "fsdp", "sp", "tp")
+    try:
+        sizes = [int(mesh_cfg[a]) for a in axes]
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"mesh sizes {dict(mesh_cfg)} are not all integers",
+                          "set each of dp, fsdp, sp, tp to a positive integer or -1") from e
     known = 1
     for s in sizes:
         if s > 0:
             known *= s
     total = known if -1 not in sizes else max(known, 8 // known * known if known <= 8 else known)
-    return max(1, total // max(num_processes, 1))
+    per_process = max(1, total // max(num_processes, 1))
+    if per_process > MAX_DEVICES_PER_PROCESS:
+        shape = " x ".join(f"{a}={s}" for a, s in zip(axes, sizes, strict=True))
+        raise ConfigError(f"mesh {shape} needs {per_process} devices in one process, more than the "
+                          f"{MAX_DEVICES_PER_PROCESS} allowed",
+                          "check the mesh sizes for a typo; a bigger mesh runs as several processes,"
+                          " see --num_processes")
+    return per_process
 
 
 def parse_flags(argv: list[str]) -> None:
@@ -85,6 +121,7 @@ def parse_flags(argv: list[str]) -> None:
     config file's code escapes as itself, and a config file that cannot be read is only
     recorded, to be raised as OSError when the config is first touched. All three end here,
     each chained to the original exception so that `--debug` shows where it began.
+    A loaded config is then checked as far as it can be without devices (`check_config`).
     """
     from absl import flags
 
@@ -124,6 +161,13 @@ def parse_flags(argv: list[str]) -> None:
         except AttributeError as e:
             raise ConfigError(f"config file {path} does not return a config from get_config()",
                               "make get_config() return an ml_collections.ConfigDict") from e
+        # Before jax starts: scripts read config.mesh next to size the CPU devices, and a
+        # missing or None key would escape there as a raw AttributeError or TypeError.
+        try:
+            check_structure(flag.value)
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e.what}", e.fix) from e
+        check_config(flag.value)
 
 
 def _config_path(argv: list[str], config_names: list[str]) -> str:

@@ -7,6 +7,8 @@ with a one-line reason and a fix, so a bad run fails in a second, not after a co
 
 from __future__ import annotations
 
+import numbers
+
 import ml_collections
 
 from ringformer.errors import ConfigError
@@ -153,12 +155,75 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
     return sizes
 
 
+_KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_ok(value, default, key: str) -> bool:
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # bool is an int to Python, never a size or a rate here
+        return False
+    if isinstance(default, int):
+        return isinstance(value, numbers.Integral)
+    if isinstance(default, float):
+        return isinstance(value, numbers.Real)
+    if isinstance(default, str) and key.endswith("_files") and isinstance(value, list | tuple):
+        return all(isinstance(v, str) for v in value)  # the data readers take a list of paths
+    return isinstance(value, type(default))
+
+
+def check_structure(config) -> None:
+    """Every section and key of `default_config()` is there, with a value of the default's type.
+
+    A config file that builds its own ConfigDict, deletes a key or sets one to None otherwise
+    fails as an AttributeError or TypeError wherever the key is first read, sometimes after
+    minutes of compiling; a key the defaults lack would be silently ignored.
+    """
+    fix = "start get_config() from ringformer.config.default_config(), as configs/tiny.py does"
+    _need(isinstance(config, ml_collections.ConfigDict),
+          f"the config is a {type(config).__name__}, not an ml_collections.ConfigDict", fix)
+    defaults = default_config()
+    for section, keys in defaults.items():
+        given = config.get(section)
+        _need(isinstance(given, ml_collections.ConfigDict), f"config section {section!r} is missing"
+              if given is None else f"config section {section!r} is a {type(given).__name__}", fix)
+        for key, default in keys.items():
+            _need(key in given, f"config key {section}.{key} is missing",
+                  f"add it, default {default!r}, or {fix}")
+            value = given[key]
+            kind = _KINDS.get(type(default), type(default).__name__)
+            unset = "; '' leaves it unset" if default == "" else ""
+            _need(_type_ok(value, default, key), f"{section}.{key}={value!r} is not {kind}",
+                  f"set --config.{section}.{key} to {kind} like the default {default!r}{unset}")
+        unknown = sorted(set(given) - set(keys))
+        _need(not unknown, f"unknown config key {section}.{unknown[0] if unknown else ''}",
+              "every key and its default is in ringformer/config.py")
+    unknown = sorted(set(config) - set(defaults))
+    _need(not unknown, f"unknown config section {unknown[0] if unknown else ''!r}",
+          f"use only the sections {', '.join(defaults)}")
+
+
 def validate(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     """Check everything that can be checked without compiling; return the resolved mesh shape."""
+    check_config(config)
+    return _check_mesh(config, n_devices)
+
+
+def check_config(config) -> None:
+    """What `validate` checks without knowing the device count; runs before jax is imported."""
+    check_structure(config)
     t, d, m, a, o = config.train, config.data, config.model, config.attention, config.optim
     _need(t.steps > 0, f"train.steps={t.steps} must be positive", "set --config.train.steps=N with N >= 1")
     for k in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
         _need(t[k] > 0, f"train.{k}={t[k]} must be positive", f"set --config.train.{k} to 1 or more")
+    _need(t.eval_batches >= 0, f"train.eval_batches={t.eval_batches} is negative",
+          "set --config.train.eval_batches to 1 or more")
+    # 0 batches would evaluate nothing, silently; an empty data.eval_files is the one off switch.
+    _need(t.eval_batches > 0 or not d.eval_files,
+          f"train.eval_batches=0 evaluates nothing, though data.eval_files={d.eval_files!r} is set",
+          "set --config.train.eval_batches to 1 or more, or --config.data.eval_files= for no evaluation")
     _need(o.lr > 0, f"optim.lr={o.lr} must be positive", "set --config.optim.lr to e.g. 3e-4")
     _need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} is negative", "use 0 or more")
     _need(o.grad_accum_steps >= 1, f"optim.grad_accum_steps={o.grad_accum_steps} must be >= 1",
@@ -183,7 +248,32 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int
           "choose n_heads that divides dim")
     _need((m.dim // m.n_heads) % 2 == 0, f"head_dim={m.dim // m.n_heads} is odd",
           "rotary embeddings need an even head_dim")
+    # Each is a divisor or a base in model.py: 0 or less gives inf/NaN, first seen as a
+    # non-finite loss after the compile (and a negative factor runs, with nonsense positions).
+    _need(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive",
+          "set --config.model.rope_theta, e.g. 10000.0")
+    _need(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive",
+          "set --config.model.norm_eps, e.g. 1e-5")
+    if m.rope_scaling != "none":
+        _need(m.rope_scaling_factor > 0,
+              f"model.rope_scaling_factor={m.rope_scaling_factor} must be positive with"
+              f" rope_scaling={m.rope_scaling!r}",
+              "set --config.model.rope_scaling_factor, e.g. 8.0, or model.rope_scaling='none'")
+    if m.rope_scaling == "llama3":
+        lo, hi = m.rope_low_freq_factor, m.rope_high_freq_factor
+        _need(0 < lo < hi, f"model.rope_low_freq_factor={lo} and rope_high_freq_factor={hi} need"
+              " 0 < low < high: llama3 scaling divides by both and by their difference",
+              "use e.g. Llama 3.1's low 1.0, high 4.0")
+        _need(m.rope_original_max_position > 0,
+              f"model.rope_original_max_position={m.rope_original_max_position} must be positive",
+              "set it to the context the model was pre-trained at, e.g. 8192")
+    _need(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be positive",
+          "set --config.data.global_batch_size to 1 or more")
+    _need(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive", "set --config.data.seq_len")
 
+
+def _check_mesh(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
+    d, m, a, o = config.data, config.model, config.attention, config.optim
     mesh = mesh_shape(config.mesh, n_devices)
     sp, tp, batch_shards = mesh["sp"], mesh["tp"], mesh["dp"] * mesh["fsdp"]
     _need(m.n_kv_heads % tp == 0,
@@ -191,7 +281,6 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int
           "choose tp that divides n_kv_heads")
     _need(m.ffn_dim % tp == 0, f"model.ffn_dim={m.ffn_dim} not divisible by mesh.tp={tp}",
           "choose tp that divides ffn_dim")
-    _need(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive", "set --config.data.seq_len")
     _need(d.global_batch_size % (batch_shards * o.grad_accum_steps) == 0,
           f"data.global_batch_size={d.global_batch_size} is not divisible by dp*fsdp={batch_shards}"
           f" x grad_accum_steps={o.grad_accum_steps}",

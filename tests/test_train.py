@@ -215,6 +215,12 @@ def smoke_config():
     ("attention.kernel", "cuda", "attention.kernel='cuda' is not one of"),
     ("attention.kernel", "pallas", "needs ring or blockwise attention over a multiple of 128 tokens"),
     ("data.global_batch_size", 3, "data.global_batch_size=3 is not divisible by dp*fsdp=2"),
+    ("data.global_batch_size", 0, "data.global_batch_size=0 must be positive"),
+    ("data.global_batch_size", -2, "data.global_batch_size=-2 must be positive"),
+    ("train.eval_batches", 0, "train.eval_batches=0 evaluates nothing"),
+    ("train.eval_batches", -1, "train.eval_batches=-1 is negative"),
+    ("model.rope_theta", 0.0, "model.rope_theta=0.0 must be positive"),
+    ("model.norm_eps", 0.0, "model.norm_eps=0.0 must be positive"),
 ])
 def test_validation_names_the_problem(key, value, message):
     config = smoke_config()
@@ -229,6 +235,117 @@ def test_tp_must_divide_heads():
     config.mesh.update(fsdp=1, sp=4, tp=2)
     with pytest.raises(ConfigError, match=re.escape("not divisible by mesh.tp=2")):
         validate(config, 8)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"rope_scaling": "llama3", "rope_scaling_factor": 0.0}, "rope_scaling_factor=0.0 must be positive"),
+    ({"rope_scaling": "linear", "rope_scaling_factor": -1.0}, "rope_scaling_factor=-1.0 must be positive"),
+    ({"rope_scaling": "llama3", "rope_low_freq_factor": 4.0}, "need 0 < low < high"),
+    ({"rope_scaling": "llama3", "rope_low_freq_factor": 0.0}, "need 0 < low < high"),
+    ({"rope_scaling": "llama3", "rope_original_max_position": 0}, "rope_original_max_position=0"),
+])
+def test_rope_scaling_values_are_checked(overrides, message):
+    """Each is a divisor in model.rope_inv_freq: unchecked, it ran into NaN after the compile."""
+    config = smoke_config()
+    config.model.update(overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(config, 8)
+    config.model.rope_scaling = "none"  # the factors mean nothing without scaling
+    validate(config, 8)
+
+
+def test_no_evaluation_is_an_empty_eval_files():
+    config = smoke_config()
+    config.train.eval_batches = 0
+    config.data.eval_files = ""
+    validate(config, 8)
+
+
+def _broken(change):
+    config = smoke_config()
+    change(config)
+    return config
+
+
+def _only_train():
+    import ml_collections
+    return ml_collections.ConfigDict({"train": smoke_config().train})
+
+
+def _delete(section, key):
+    def change(config):
+        del config[section][key]
+    return change
+
+
+def _retype(section, key, value):
+    """Swap a value for one of another type, as a config file that rebuilds a key can."""
+    def change(config):
+        del config[section][key]
+        config[section][key] = value
+    return change
+
+
+@pytest.mark.parametrize("config,message", [
+    (lambda: {"train": {"steps": 1}}, "the config is a dict, not an ml_collections.ConfigDict"),
+    (lambda: _only_train(), "config section 'attention' is missing"),
+    (lambda: _broken(_delete("model", "rope_scaling")), "config key model.rope_scaling is missing"),
+    (lambda: _broken(_retype("mesh", "sp", None)), "mesh.sp=None is not an integer"),
+    (lambda: _broken(_retype("train", "steps", 10.0)), "train.steps=10.0 is not an integer"),
+    (lambda: _broken(_retype("model", "dim", True)), "model.dim=True is not an integer"),
+    (lambda: _broken(_retype("model", "dtype", 16)), "model.dtype=16 is not a string"),
+    (lambda: _broken(lambda c: c.model.update(rope_scale=8.0)), "unknown config key model.rope_scale"),
+])
+def test_config_structure_is_checked(config, message):
+    """A config file that does not build on default_config() is one error, not an AttributeError."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(config(), 8)
+
+
+@pytest.mark.parametrize("name,arg,n_devices", [
+    ("tiny", None, 8), ("smoke", None, 8), ("llama_1b_32k", None, 1),
+    *[("llama2_7b_long", f"ctx={c}", 256) for c in ("32k", "128k", "256k", "512k", "1m")],
+])
+def test_shipped_configs_validate(name, arg, n_devices):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    validate(module.get_config(arg), n_devices)
+
+
+def test_virtual_devices_are_capped():
+    from ringformer.cli import MAX_DEVICES_PER_PROCESS, devices_for_mesh
+
+    mesh = {"dp": 1, "fsdp": 2, "sp": 256, "tp": 1}
+    assert devices_for_mesh(mesh) == MAX_DEVICES_PER_PROCESS == 512
+    assert devices_for_mesh({**mesh, "sp": 1000}, num_processes=4) == 500
+    for sp in (1000, 20000):
+        with pytest.raises(ConfigError, match=f"needs {2 * sp} devices in one process"):
+            devices_for_mesh({**mesh, "sp": sp})
+
+
+@pytest.mark.parametrize("config,args,message", [
+    (SMOKE, ("--config.mesh.sp=20000",), "mesh dp=1 x fsdp=2 x sp=20000 x tp=1 needs 40000 devices"),
+    (SMOKE, ("--config.data.global_batch_size=0",), "data.global_batch_size=0 must be positive"),
+    ("{tmp}/dict_config.py", (), "dict_config.py: the config is a dict"),
+    ("{tmp}/none_sp.py", (), "none_sp.py: mesh.sp=None is not an integer"),
+])
+def test_train_script_checks_the_config_before_jax_starts(tmp_path, config, args, message):
+    """scripts/train.py sizes the CPU devices from config.mesh before jax starts; a config that
+    cannot work ends there as one line (no traceback, no hang, no workdir), not inside jax."""
+    (tmp_path / "dict_config.py").write_text("def get_config(arg=None):\n    return {'mesh': {}}\n")
+    (tmp_path / "none_sp.py").write_text(
+        f"import importlib.util\nspec = importlib.util.spec_from_file_location('s', {SMOKE!r})\n"
+        "m = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(m)\n\n\n"
+        "def get_config(arg=None):\n    c = m.get_config()\n    c.mesh.sp = None\n    return c\n")
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", config.format(tmp=tmp_path),
+           "--workdir", str(tmp_path / "run"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "run").exists()
 
 
 def test_init_from_a_hugging_face_model(corpus, tmp_path):
