@@ -45,6 +45,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ringformer import orbax_failures
 from ringformer.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ class Checkpointer:
     `async_save=True` returns from `save` once arrays are copied off the devices; orbax
     writes in the background, and a background thread then writes the COMMITTED marker and
     prunes old steps. Call `wait()` (or `close()`) before the process exits on purpose.
+    A failed save is raised once, as CheckpointError, by the next call that waits for it
+    (`save`, `wait`, `close`, ...); after it the checkpointer only restores and closes.
     `verify_checksums=False` checks only file sizes at restore (faster for huge checkpoints,
     still catches truncation).
     """
@@ -150,6 +153,12 @@ class Checkpointer:
             raise ValueError(f"keep={keep}: keep at least one checkpoint")
         # Orbax needs an absolute path (a relative --workdir such as runs/tiny is normal).
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
+        # Orbax accepts a file here and fails only in its background save threads; checked
+        # now, the run stops before anything is compiled.
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory} is a file, not a directory of checkpoints",
+                                  "move that file aside (the run keeps its checkpoints in a"
+                                  " directory of that name) or use another --workdir")
         self.keep = keep
         self.async_save = async_save
         self.verify_checksums = verify_checksums
@@ -169,6 +178,11 @@ class Checkpointer:
         )
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
+        self._held: orbax_failures.HeldOrbaxErrors | None = None
+        self._operation_id: str | None = None
+        # After a failed save orbax's manager re-raises that failure from every wait; it has
+        # been reported once, so the manager is no longer waited on.
+        self._failed = False
         self._verdicts: dict[int, str | None] = {}  # step -> None if valid, else why not
         self._warned: set[int] = set()
         self.skipped: dict[int, str] = {}  # steps passed over by the last fallback, and why
@@ -287,17 +301,30 @@ class Checkpointer:
             _sync(f"moved_aside_{step}")
         self._verdicts.pop(step, None)
         self._manager.reload()  # our own moves and deletions are invisible to its step cache
-        self._manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state_pytree),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config_json),
-        ))
+        self._held = orbax_failures.HeldOrbaxErrors()
+        logging.getLogger("absl").addFilter(self._held)
+        try:
+            self._manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state_pytree),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config_json),
+            ))
+        except Exception as e:
+            self._thread_error = e
+        self._operation_id = orbax_failures.current_operation_id()
+        if self._thread_error is not None:
+            self._orbax_failed()
+            self._finish_background()  # raises it, as CheckpointError
         if self.async_save:
             self._thread = threading.Thread(target=self._commit_in_background, args=(step, replaced),
                                             name=f"ringformer-commit-{step}")
             self._thread.start()
         else:
-            self._commit(step, replaced)
+            try:
+                self._commit(step, replaced)
+            except Exception as e:
+                self._thread_error = e
+            self._finish_background()  # reported as a failed background save would be
         return True
 
     def _move_aside(self, step: int, kind: str, reason: str | None) -> Path:
@@ -317,7 +344,11 @@ class Checkpointer:
             self._thread_error = e
 
     def _commit(self, step: int, replaced: Path | None) -> None:
-        self._manager.wait_until_finished()  # raises if orbax's write failed
+        try:
+            self._manager.wait_until_finished()  # raises if orbax's write failed
+        except Exception:
+            self._orbax_failed()
+            raise
         if not self._primary:
             return
         step_dir = self.directory / str(step)
@@ -353,10 +384,15 @@ class Checkpointer:
             if head.isdigit() and int(head) < newest and p.is_dir():
                 shutil.rmtree(p)
 
+    def _orbax_failed(self) -> None:
+        self._failed = True
+        orbax_failures.release_threads(self._operation_id)
+
     def _finish_background(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._show_held_records()
         if self._thread_error is not None:
             err, self._thread_error = self._thread_error, None
             if isinstance(err, CheckpointError):
@@ -364,16 +400,31 @@ class Checkpointer:
             raise CheckpointError(f"saving a checkpoint in {self.directory} failed: {err!r}",
                                   "check free disk space and permissions") from err
 
+    def _show_held_records(self) -> None:
+        if self._held is None:
+            return
+        held, self._held = self._held, None
+        logging.getLogger("absl").removeFilter(held)
+        for record in held.held:
+            if self._failed:
+                log.debug("orbax: %s", record.getMessage(), exc_info=record.exc_info)
+            else:
+                logging.getLogger(record.name).handle(record)
+
     def wait(self) -> None:
         """Block until the last save is written and committed; raises if it failed."""
         self._finish_background()
-        self._manager.wait_until_finished()
+        if not self._failed:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         try:
             self.wait()
         finally:
-            self._manager.close()
+            # After a failed save orbax's manager is abandoned, not closed: closing waits for
+            # the save again and re-raises its failure over the one already reported.
+            if not self._failed:
+                self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

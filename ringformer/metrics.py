@@ -8,6 +8,7 @@ step) and the same scalars to TensorBoard in `DIR/tb/`; `plot_metrics` draws `DI
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -16,9 +17,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ringformer.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 PLOT_FILE = "loss.png"
+# Every row the logger writes begins so (json.dumps keeps the key order it was given).
+_ROW_START = b'{"step": '
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,20 +121,25 @@ def _scalar(value: Any) -> int | float | None:
     return value if math.isfinite(value) else None
 
 
+def _parse_row(line: bytes) -> dict[str, Any] | None:
+    """The metrics row on `line`, or None if it is not one (torn, edited, binary garbage)."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError both
+        return None
+    if isinstance(row, dict) and type(row.get("step")) is int:
+        return row
+    return None
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of `DIR/metrics.jsonl`; a torn last line (a run killed mid-write) is skipped."""
+    """Rows of `DIR/metrics.jsonl`; lines that are not rows (a torn last line from a run
+    killed mid-write, anything written by hand or by a disk error) are skipped."""
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
+    rows = (_parse_row(line) for line in path.read_bytes().split(b"\n"))
+    return [r for r in rows if r is not None]
 
 
 class MetricsLogger:
@@ -141,7 +153,8 @@ class MetricsLogger:
     Resume: pass `resume_step=k` when the run restarts from a checkpoint at step k. Rows with
     step > k, written by the killed run after that checkpoint, are dropped (the file is
     rewritten atomically) so the resumed run does not log them twice; TensorBoard is told
-    to purge its events from step k+1 on. `resume_step=None` keeps every readable row.
+    to purge its events from step k+1 on. `resume_step=None` keeps every row. Lines that are
+    not rows are kept as they are, with a warning (see `_trim`); only a torn last row goes.
     """
 
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool, resume_step: int | None = None):
@@ -159,17 +172,49 @@ class MetricsLogger:
         self._tb = SummaryWriter(str(Path(workdir) / TB_DIR), purge_step=purge, flush_secs=30)
 
     def _trim(self, resume_step: int | None) -> None:
+        """Drop the rows after `resume_step` and a torn last row; keep every other line.
+
+        Only what this logger wrote and will write again is dropped. A line that is not a
+        row is not ours to judge (a note, a disk error's bytes): it stays, byte for byte, with
+        a warning naming it; readers skip it.
+        """
         if not self.path.exists():
             return
-        text = self.path.read_text(encoding="utf-8")
-        rows = read_metrics(self.path.parent)
-        keep = [r for r in rows if resume_step is None or r["step"] <= resume_step]
-        clean = "".join(json.dumps(r) + "\n" for r in keep)
-        if clean == text:
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise UserError(f"cannot read {self.path}: {e.strerror}",
+                            "move it aside or use another --workdir") from e
+        *lines, last = data.split(b"\n")
+        # A run killed mid-write leaves the start of a row and no newline: the resumed run
+        # logs that step again.
+        torn = last.startswith(_ROW_START) and _parse_row(last) is None
+        if last and not torn:
+            lines.append(last)  # given the newline it lacked, so our next row starts a line
+        kept, foreign = [], []
+        for n, line in enumerate(lines, 1):
+            row = _parse_row(line)
+            if row is None:
+                kept.append(line)
+                if line.strip():
+                    foreign.append(n)
+            elif resume_step is None or row["step"] <= resume_step:
+                kept.append(line)
+        if foreign:
+            where = ", ".join(map(str, foreign[:10])) + (", ..." if len(foreign) > 10 else "")
+            log.warning("%s has lines that are not metrics rows (line %s); they are kept as they"
+                        " are, and plots and tools skip them", self.path, where)
+        clean = b"".join(line + b"\n" for line in kept)
+        if clean == data:
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(clean, encoding="utf-8")
-        os.replace(tmp, self.path)  # atomic: a kill here leaves the old or the new file whole
+        try:
+            tmp.write_bytes(clean)
+            os.replace(tmp, self.path)  # atomic: a kill here leaves the old or the new file whole
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot rewrite {self.path}: {e.strerror}",
+                            "check free disk space and permissions") from e
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Write one row `{"step": step, **metrics}`; returns the row as written."""

@@ -277,6 +277,18 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
     except BaseException:
         checkpointer.close()  # in-process callers (tests, notebooks) must not leak its threads
         raise
+    if start >= cfg_t.steps:
+        # Nothing to train: leave without a step, a save, a TensorBoard file or a plot. Equal
+        # is a finished run started again (e.g. a requeued job), so it is not an error.
+        checkpointer.close()
+        how = f"pass --config.train.steps=N with N > {start} to train further"
+        if start > cfg_t.steps:
+            raise UserError(f"the run in {workdir} is already at step {start} > "
+                            f"train.steps={cfg_t.steps}", how)
+        if lead:
+            log.warning("the run in %s is already at step %d = train.steps; nothing to do (%s)",
+                        workdir, start, how)
+        return {"step": start, "stopped_by_signal": False}
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shardings = sharding.batch_sharding(mesh)
@@ -381,6 +393,13 @@ def restore_run(workdir: str | Path, mesh_cfg=None, *, step: int | None = None
     `mesh_cfg` (dp/fsdp/sp/tp, -1 fills) places the state on another mesh than the one it was
     trained on, e.g. more sequence parallelism for long-context evaluation.
     """
+    # Checked first: the Checkpointer creates checkpoints/ (and the workdir) when missing, which
+    # would leave a directory behind that looks like a run, or fail on a file with a traceback.
+    if not (Path(workdir) / ckpt_lib.CHECKPOINT_DIR).is_dir():
+        raise CheckpointError(f"no checkpoints in {workdir}" if Path(workdir).is_dir()
+                              else f"workdir {workdir} is not a directory"
+                              if Path(workdir).exists() else f"workdir {workdir} does not exist",
+                              "point --workdir at a run that saved a checkpoint")
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=1 << 30)
     try:
         step = checkpointer.latest_valid_step() if step is None else step

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import jax
@@ -251,6 +252,60 @@ def test_failed_background_commit_is_reported_and_leaves_step_invalid(tmp_path, 
         monkeypatch.undo()
         assert ck.latest_valid_step() == 1
         assert "no COMMITTED marker" in ck.skipped[2]
+
+
+def test_checkpoints_path_that_is_a_file_is_refused_and_kept(tmp_path):
+    (tmp_path / "checkpoints").write_text("precious\n")
+    with pytest.raises(CheckpointError, match="is a file, not a directory of checkpoints") as e:
+        Checkpointer(tmp_path, keep=3)
+    assert "move that file aside" in e.value.fix
+    assert (tmp_path / "checkpoints").read_text() == "precious\n"
+
+
+def orbax_threads():
+    from orbax.checkpoint._src.futures.future import _SignalingThread
+
+    return [t for t in threading.enumerate() if isinstance(t, _SignalingThread) and t.is_alive()]
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_failed_orbax_save_is_one_report(tmp_path, caplog, async_save):
+    """Orbax cannot create the step directory (the checkpoints directory was replaced by a
+    file after start, as a full or failing disk would fail it): it logged every handler
+    thread's traceback, and re-raised the failure from every later wait. Now: one
+    CheckpointError, no orbax error on the log, close() repeats nothing, and the save's
+    threads, which waited 300 s at interpreter exit for a signal never sent, have ended."""
+    state = {"w": jnp.ones(4)}
+    ck = Checkpointer(tmp_path, keep=3, async_save=async_save)
+    before = set(orbax_threads())
+    ck.directory.rmdir()
+    ck.directory.write_text("precious\n")
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(CheckpointError, match=r"saving a checkpoint in .* failed") as e:
+            save(ck, 1, state)
+            ck.wait()
+        assert "check free disk space" in e.value.fix
+        ck.close()  # after the failure: no second error
+    assert not set(orbax_threads()) - before
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
+    assert ck.directory.read_text() == "precious\n"
+
+
+def test_orbax_errors_of_a_successful_save_are_not_hidden(tmp_path, caplog):
+    """Orbax's error records are held only while a save is in flight, and shown as they were
+    when that save succeeds."""
+    import orbax.checkpoint._src.futures.future as orbax_future
+
+    absl = logging.getLogger("absl")
+    with Checkpointer(tmp_path, keep=3) as ck, caplog.at_level(logging.INFO):
+        save(ck, 1, {"w": jnp.ones(4)})
+        # as if logged by orbax's own code, from its file
+        absl.handle(absl.makeRecord("absl", logging.ERROR, orbax_future.__file__, 1,
+                                    "orbax says %s", ("boom",), None))
+        assert "orbax says boom" not in caplog.text
+        ck.wait()
+        assert ck.latest_valid_step() == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == ["orbax says boom"]
 
 
 CHILD = textwrap.dedent("""

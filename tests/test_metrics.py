@@ -1,12 +1,14 @@
 """FLOP counting against hand counts and the paper's formula; the metric files."""
 
 import json
+import logging
 import math
 import struct
 
 import pytest
 from tensorboardX.proto import event_pb2
 
+from ringformer.errors import UserError
 from ringformer.metrics import (
     MetricsLogger,
     flops_per_token,
@@ -98,6 +100,43 @@ def test_resume_drops_rows_after_the_checkpoint_and_torn_lines(tmp_path):
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [
         (1, 9.0), (2, 8.0), (3, 7.0), (4, 0.5)]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_resume_keeps_lines_that_are_not_rows_byte_for_byte(tmp_path, caplog):
+    """Binary garbage, a hand-written note and a row whose step is not a number are not the
+    logger's to drop: a resume keeps each where it was and says so; readers skip them."""
+    with MetricsLogger(tmp_path, enabled=True) as log:
+        for step in range(1, 5):
+            log.log(step, {"loss": float(10 - step)})
+    path = tmp_path / "metrics.jsonl"
+    rows = path.read_bytes().splitlines(keepends=True)
+    foreign = [b"\xff\xfe garbage\n", b"# lr too high, restarted\n", b'{"step": "x"}\n']
+    path.write_bytes(b"".join([rows[0], foreign[0], *rows[1:3], foreign[1], rows[3], foreign[2]]))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    with caplog.at_level(logging.WARNING, logger="ringformer.metrics"), \
+            MetricsLogger(tmp_path, enabled=True, resume_step=2) as log:
+        log.log(3, {"loss": 0.5})
+    assert path.read_bytes() == b"".join([rows[0], foreign[0], rows[1], foreign[1], foreign[2],
+                                          b'{"step": 3, "loss": 0.5}\n'])
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 9.0), (2, 8.0), (3, 0.5)]
+    assert "not metrics rows (line 2, 5, 7)" in caplog.text
+
+
+def test_last_line_without_newline_that_is_not_a_row_is_kept(tmp_path):
+    """Only the start of one of our rows is a torn write; other text is kept, ended with a
+    newline so the next row starts a line of its own."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\nnotes, no newline')
+    with MetricsLogger(tmp_path, enabled=True, resume_step=1) as log:
+        log.log(2, {"loss": 1.0})
+    assert path.read_bytes() == b'{"step": 1, "loss": 2.0}\nnotes, no newline\n{"step": 2, "loss": 1.0}\n'
+
+
+def test_unreadable_metrics_file_is_a_user_error(tmp_path):
+    (tmp_path / "metrics.jsonl").mkdir()
+    with pytest.raises(UserError, match=r"cannot read .*metrics\.jsonl: Is a directory"):
+        MetricsLogger(tmp_path, enabled=True, resume_step=0)
+    assert (tmp_path / "metrics.jsonl").is_dir()
 
 
 def test_plot_metrics_writes_png(tmp_path):

@@ -323,6 +323,76 @@ def test_all_checkpoints_damaged_stops_and_deletes_nothing(home, run_copy):
     assert_lock_free(run_copy)
 
 
+def test_checkpoints_path_that_is_a_file_is_refused_and_kept(home, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("precious\n")
+    before = snapshot(workdir)
+    proc = train(workdir, data=GOOD.format(home=home))
+    assert_user_error(proc, f"{workdir / 'checkpoints'} is a file, not a directory of checkpoints",
+                      "move that file aside")
+    assert snapshot(workdir) == before
+    assert_lock_free(workdir)
+
+
+def test_resume_with_fewer_steps_than_done_is_refused_and_writes_nothing(home, run_copy):
+    """It exited 0 without a word and left a new, empty TensorBoard file."""
+    before = snapshot(run_copy)
+    proc = train(run_copy, "--config.train.steps=4", data=GOOD.format(home=home))
+    assert_user_error(proc, f"the run in {run_copy} is already at step 6 > train.steps=4",
+                      "pass --config.train.steps=N with N > 6 to train further")
+    assert snapshot(run_copy) == before
+    assert_lock_free(run_copy)
+
+
+def test_finished_run_started_again_says_so_and_writes_nothing(home, run_copy):
+    """A requeued job that finds its run done exits 0, as it did, but says why and adds no file."""
+    before = snapshot(run_copy)
+    proc = train(run_copy, data=GOOD.format(home=home))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "already at step 6 = train.steps; nothing to do" in proc.stderr
+    assert "Traceback" not in proc.stderr and "error:" not in proc.stderr
+    assert snapshot(run_copy) == before
+
+
+# A failed background save, exactly as the trainer meets it (save, then wait and close in a
+# `finally`), without a compile: the checkpoints directory is replaced by a file after the
+# checkpoint manager started, so orbax fails to create the step directory in its threads.
+FAILED_SAVE = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from ringformer.cli import run_main
+
+def main():
+    import jax.numpy as jnp
+    from ringformer.checkpoint import Checkpointer
+    ck = Checkpointer(sys.argv[1], keep=3)
+    ck.directory.rmdir()
+    ck.directory.write_text("precious\\n")
+    try:
+        ck.save(1, {"w": jnp.ones(4)}, data_state={}, config_json={})
+    finally:
+        ck.wait()
+        ck.close()
+
+run_main(main)
+"""
+
+
+def test_failed_background_save_exits_at_once_with_one_line(tmp_path):
+    """Orbax's threads waited for a signal the failed save never sent, so the process never
+    exited (after ~200 lines of orbax tracebacks)."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", FAILED_SAVE, str(tmp_path), str(ROOT)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the process did not exit after the failed save: {str(e.stderr)[-2000:]}")
+    assert_user_error(proc, f"saving a checkpoint in {tmp_path / 'checkpoints'} failed",
+                      "NotADirectoryError", "check free disk space and permissions")
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr[-3000:]  # the error line alone
+    assert (tmp_path / "checkpoints").read_text() == "precious\n"
+
+
 # ----------------------------------------------------------------------------- the lock
 
 
