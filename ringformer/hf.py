@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ringformer.errors import CheckpointError, ConfigError
@@ -119,18 +119,39 @@ def interleaved_to_half(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, k // 2, 2, d).transpose(0, 2, 1, 3).reshape(out_dim, d)
 
 
+def _reason(e: Exception) -> str:
+    """One line of `e` for an error message (safetensors quotes its messages)."""
+    lines = str(e).strip().strip("'\"").splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _open(path: str) -> Any:
+    """safe_open, with a damaged file (cut short, not safetensors) as a CheckpointError."""
+    try:
+        return safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path}: {_reason(e)}",
+                              "the file is damaged or incomplete: copy or download it again"
+                              ) from e
+
+
 def _tensor_files(hf_dir: str) -> dict[str, str]:
     """Tensor name -> safetensors file path, for a single file or an index of shards."""
     index = os.path.join(hf_dir, INDEX)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
-        return {name: os.path.join(hf_dir, fname) for name, fname in weight_map.items()}
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            return {name: os.path.join(hf_dir, fname) for name, fname in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"cannot read the shard list {index} ({type(e).__name__}: {e})",
+                                  "copy it again; it must be JSON with a weight_map of tensor "
+                                  "name -> shard file") from e
     single = os.path.join(hf_dir, SINGLE)
     if not os.path.exists(single):
         raise CheckpointError(f"{hf_dir} has neither {SINGLE} nor {INDEX}",
                               "point at a Hugging Face LLaMA directory saved with safetensors")
-    with safe_open(single, framework="numpy") as f:
+    with _open(single) as f:
         return dict.fromkeys(f.keys(), single)
 
 
@@ -153,8 +174,15 @@ class _Reader:
             if not os.path.exists(path):
                 raise CheckpointError(f"shard {path} listed in {INDEX} does not exist",
                                       "copy every shard of the checkpoint")
-            self.handles[path] = safe_open(path, framework="numpy")
-        x = self.handles[path].get_tensor(name)
+            self.handles[path] = _open(path)
+        try:
+            x = self.handles[path].get_tensor(name)
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            # e.g. a dtype numpy cannot hold, or a shard whose header lacks a tensor the index
+            # assigns to it.
+            raise CheckpointError(f"cannot read tensor {name!r} from {path}: {_reason(e)}",
+                                  "the file is damaged or not a LLaMA checkpoint: copy it again"
+                                  ) from e
         if tuple(x.shape) != tuple(shape):
             raise CheckpointError(f"tensor {name!r} has shape {tuple(x.shape)}, config.json "
                                   f"implies {tuple(shape)}", "check config.json against weights")
@@ -186,13 +214,9 @@ def _hf_shape(ours: tuple[int, ...], to_hf: Callable) -> tuple[int, ...]:
     return tuple(to_hf(np.empty(ours, np.int8)).shape)
 
 
-def load_llama(hf_dir: str, **overrides: Any) -> tuple[ModelConfig, dict]:
-    """Read a local HF LLaMA directory into (ModelConfig, params) as host numpy arrays.
-
-    Params come back in `param_dtype` (fp32 by default) with ringformer's tree structure;
-    place them with `jax.device_put(params, sharding.param_shardings(...))`. `overrides` set
-    the ModelConfig fields HF does not describe (dtype, remat, attention impl, chunks, ...).
-    """
+def read_config(hf_dir: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a local HF LLaMA directory, from its config.json alone (no weights
+    are read, so a caller can check it against a run's config cheaply)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{path} does not exist",
@@ -200,15 +224,28 @@ def load_llama(hf_dir: str, **overrides: Any) -> tuple[ModelConfig, dict]:
     try:
         with open(path) as f:
             hf = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise CheckpointError(f"cannot read {path}: {e}", "check the file is valid JSON") from e
     try:
+        if not isinstance(hf, dict):
+            raise TypeError(f"a JSON {type(hf).__name__}, not an object")
         cfg = config_from_hf(hf, **overrides)
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{path} lacks or mangles a LLaMA field ({e})",
                           "use a config.json written by transformers") from e
+    return cfg
+
+
+def load_llama(hf_dir: str, **overrides: Any) -> tuple[ModelConfig, dict]:
+    """Read a local HF LLaMA directory into (ModelConfig, params) as host numpy arrays.
+
+    Params come back in `param_dtype` (fp32 by default) with ringformer's tree structure;
+    place them with `jax.device_put(params, sharding.param_shardings(...))`. `overrides` set
+    the ModelConfig fields HF does not describe (dtype, remat, attention impl, chunks, ...).
+    """
+    cfg = read_config(hf_dir, **overrides)
     dtype = _NP_DTYPES[cfg.param_dtype]
     reader = _Reader(_tensor_files(hf_dir))
     shapes = param_shapes(cfg)
@@ -242,7 +279,12 @@ def save_llama(cfg: ModelConfig, params: dict, out_dir: str) -> None:
     Tensors are written in `param_dtype`. Params may be sharded jax arrays; they are gathered
     to this host one at a time (single-process runs; multi-host export should gather first).
     """
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a parent is a file, or not writable
+        raise CheckpointError(f"cannot create {out_dir}: {e.strerror or e}",
+                              "choose an output directory whose parents are writable directories"
+                              ) from e
     dtype = _NP_DTYPES[cfg.param_dtype]
     host = lambda x: np.asarray(jax.device_get(x)).astype(dtype)
     tensors: dict[str, np.ndarray] = {
@@ -258,10 +300,19 @@ def save_llama(cfg: ModelConfig, params: dict, out_dir: str) -> None:
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     # Write to temporary names first so a crash never leaves a half-written directory behind.
     tmp_weights = os.path.join(out_dir, SINGLE + ".tmp")
-    save_file(tensors, tmp_weights, metadata={"format": "pt"})
     tmp_cfg = os.path.join(out_dir, "config.json.tmp")
-    with open(tmp_cfg, "w") as f:
-        json.dump(config_to_hf(cfg), f, indent=2)
+    try:
+        save_file(tensors, tmp_weights, metadata={"format": "pt"})
+        with open(tmp_cfg, "w") as f:
+            json.dump(config_to_hf(cfg), f, indent=2)
+    except BaseException as e:
+        for tmp in (tmp_weights, tmp_cfg):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if isinstance(e, OSError | SafetensorError):  # e.g. disk full: nothing was replaced
+            raise CheckpointError(f"cannot write {out_dir}: {_reason(e)}",
+                                  "free space or choose another output directory") from e
+        raise
     os.replace(tmp_weights, os.path.join(out_dir, SINGLE))
     os.replace(tmp_cfg, os.path.join(out_dir, "config.json"))
 

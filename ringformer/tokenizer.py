@@ -33,6 +33,16 @@ _EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>",
 _BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]")
 _PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt", ".gguf")
+# Files AutoTokenizer can build a tokenizer from; a directory with none of them is not one.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
+                    "vocab.txt", "spiece.model")
+_FIX = "pass a directory saved with tok.save_pretrained(DIR), a tokenizer.json file, or 'byte'"
+
+
+def _one_line(e: Exception) -> str:
+    """`e` as one line: both libraries raise messages that span several."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 class Tokenizer(abc.ABC):
@@ -127,7 +137,7 @@ class _FastTokenizer(_FileTokenizer):
         try:
             self._tok = RawTokenizer.from_file(str(path))
         except Exception as e:  # the library raises bare Exceptions for bad files
-            raise DataError(f"cannot read tokenizer file {path}: {e}",
+            raise DataError(f"cannot read tokenizer file {path}: {_one_line(e)}",
                             "pass a valid tokenizer.json or a tokenizer directory") from None
         self.name = str(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -150,14 +160,17 @@ class _HFTokenizer(_FileTokenizer):
     """`transformers.AutoTokenizer` from a local directory (LLaMA, GPT-2, ...)."""
 
     def __init__(self, path: Path) -> None:
+        # Checked before transformers is asked: its message for a directory with no tokenizer
+        # in it lists what it tried to convert, not what is missing.
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise DataError(f"no tokenizer.json, tokenizer.model or tokenizer_config.json in {path}",
+                            _FIX)
         from transformers import AutoTokenizer
 
         try:
             self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # transformers raises many kinds; all mean "not a tokenizer here"
-            raise DataError(f"cannot load a tokenizer from {path}: {type(e).__name__}: {e}",
-                            "point data.tokenizer at a directory with tokenizer.json or "
-                            "tokenizer.model, or use 'byte'") from None
+            raise DataError(f"cannot load a tokenizer from {path}: {_one_line(e)}", _FIX) from None
         self.name = str(path)
         self.vocab_size = len(self._tok)
         self.eos_id = self._tok.eos_token_id

@@ -8,6 +8,8 @@ import copy
 import dataclasses
 import json
 import os
+import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -178,3 +180,80 @@ def test_convert_script_import_then_export(checkpoints, tokens, tmp_path):
     assert done.returncode == 0, done.stderr
     reloaded = LlamaForCausalLM.from_pretrained(out).eval()
     assert rel_err(hf_logits(reloaded, tokens), hf_logits(ref_model, tokens)) < 1e-6
+
+
+def _one_error_line(done, *expected):
+    """Exit 2, one `error:` line last on stderr, no traceback; returns that line."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and lines[-1].startswith("error: "), done.stderr
+    assert sum(line.startswith("error:") for line in lines) == 1, done.stderr
+    for text in expected:
+        assert text in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def _files(root):
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _damaged_copy(src, dst, content):
+    dst.mkdir(parents=True)
+    (dst / "config.json").write_bytes((Path(src) / "config.json").read_bytes())
+    (dst / hf.SINGLE).write_bytes(content)
+    return dst
+
+
+def test_damaged_safetensors_is_a_checkpoint_error(checkpoints, tmp_path):
+    src, ref_model = checkpoints["mha"]
+    data = (Path(src) / hf.SINGLE).read_bytes()
+    for name, content in {"head": data[:1000], "half": data[:len(data) // 2],
+                          "noise": np.random.default_rng(0).bytes(1000)}.items():
+        bad = _damaged_copy(src, tmp_path / name, content)
+        with pytest.raises(CheckpointError, match=re.escape(str(bad / hf.SINGLE))) as e:
+            hf.load_llama(str(bad))
+        assert "\n" not in str(e.value) and "again" in e.value.fix
+    sharded = tmp_path / "sharded"
+    ref_model.save_pretrained(sharded, max_shard_size="40KB")
+    shard = sorted(sharded.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=re.escape(str(shard))):
+        hf.load_llama(str(sharded))
+    (sharded / hf.INDEX).write_text('{"weight_map": ')
+    with pytest.raises(CheckpointError, match=re.escape(hf.INDEX)):
+        hf.load_llama(str(sharded))
+
+
+def test_convert_import_of_bad_input_leaves_no_workdir(checkpoints, tmp_path):
+    src = checkpoints["mha"][0]
+    bad = _damaged_copy(src, tmp_path / "bad", (Path(src) / hf.SINGLE).read_bytes()[:1000])
+    run = tmp_path / "runs" / "new"
+    _one_error_line(_convert("import", str(bad), "--workdir", str(run)),
+                    str(bad / hf.SINGLE))
+    assert not (tmp_path / "runs").exists()
+    # A config the fine-tuning run could not use is refused before the workdir is made.
+    smoke = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "configs", "smoke.py")
+    _one_error_line(_convert("import", src, "--workdir", str(run), "--config", smoke,
+                             "--config.train.keep_checkpoints=0"), "train.keep_checkpoints=0")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_convert_export_refuses_bad_paths_and_changes_nothing(checkpoints, tmp_path):
+    run = tmp_path / "run"
+    assert _convert("import", checkpoints["mha"][0], "--workdir", str(run)).returncode == 0
+    before = _files(tmp_path)
+    # Into the run itself: its own config.json would be replaced by a HF one.
+    _one_error_line(_convert("export", "--workdir", str(run), "--out", str(run)),
+                    "already holds files", "choose a new --out or empty it")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    before[a_file] = b"keep me"
+    _one_error_line(_convert("export", "--workdir", str(run), "--out", str(a_file)),
+                    "is a file")
+    _one_error_line(_convert("export", "--workdir", str(a_file), "--out", str(tmp_path / "o")),
+                    "is not a directory")
+    _one_error_line(_convert("export", "--workdir", str(tmp_path / "gone" / "run"), "--out",
+                             str(tmp_path / "o")), "does not exist")
+    assert _files(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "run"]

@@ -93,3 +93,16 @@ def test_bad_tokenizer_file(tmp_path):
     (tmp_path / "vocab.model").write_text("x")
     with pytest.raises(DataError, match=r"not a tokenizer\.json"):
         load_tokenizer(str(tmp_path / "vocab.model"))
+
+
+def test_directory_without_a_tokenizer_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a tokenizer")
+    with pytest.raises(DataError, match=r"no tokenizer\.json, tokenizer\.model or "
+                                        r"tokenizer_config\.json in ") as e:
+        load_tokenizer(str(tmp_path))
+    assert "\n" not in str(e.value) and "save_pretrained" in e.value.fix
+    # A config with nothing to build from: transformers' several-line reason, on one line.
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(DataError, match="cannot load a tokenizer from") as e:
+        load_tokenizer(str(tmp_path))
+    assert "\n" not in str(e.value)
