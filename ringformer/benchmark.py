@@ -84,11 +84,47 @@ def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> f
     return 6 * full_matmul / 2
 
 
+def _check_positive(**values: int | float | None) -> None:
+    """Sizes and counts below 1 (or not finite) are bad input: they would become a traceback
+    deep in JAX, or a JSON result of Infinity and NaN."""
+    from ringformer.errors import ConfigError
+
+    for name, v in values.items():
+        if v is not None and not (v > 0 and np.isfinite(v)):
+            raise ConfigError(f"--{name} {v} must be positive", f"pass --{name} N with N > 0")
+
+
+def _available_memory() -> int:
+    """Bytes this machine can still allocate: MemAvailable on Linux (free memory counts the
+    page cache as used, which would refuse sizes that fit), else all physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_fits_in_memory(need: float, bench: str, seq: int) -> None:
+    """A --seq whose arrays alone exceed this machine's memory would end in a MemoryError or
+    the OOM killer after minutes; `need` is a lower bound, so a size that fits is never refused."""
+    from ringformer.errors import ConfigError
+
+    have = _available_memory()
+    if need > have:
+        raise ConfigError(f"--seq {seq} needs at least {need / 2**30:.1f} GiB for the {bench} "
+                          f"benchmark's arrays, but this machine has {have / 2**30:.1f} GiB available",
+                          "use a smaller --seq")
+
+
 def _check_split(seq: int, sp: int, chunk: int | None = None) -> None:
     """A --seq the benchmark cannot split is a bad input: one error line, not a traceback."""
     from ringformer.errors import ConfigError
 
-    if seq <= 0 or seq % (2 * sp):
+    _check_positive(seq=seq, sp=sp, chunk=chunk)
+    if seq % (2 * sp):
         raise ConfigError(f"--seq {seq} does not split into two zigzag halves on each of {sp} devices",
                           f"use a multiple of {2 * sp}")
     # The one-device rows chunk the whole sequence, the rings each device's block or its halves;
@@ -99,6 +135,16 @@ def _check_split(seq: int, sp: int, chunk: int | None = None) -> None:
                 raise ConfigError(f"a {c}-token chunk does not divide the {length}-token blocks of "
                                   f"--seq {seq} on 1 and {sp} devices",
                                   f"use a --seq that is a multiple of {2 * sp * c}")
+
+
+def attention_bytes(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int,
+                    include_dense: bool) -> float:
+    """A lower bound on the memory the attention benchmarks need: the float64 draw of the
+    widest input, q, k, v and their gradients in fp32, and for the dense row the [seq, seq]
+    probabilities and their gradient per head."""
+    per_token = head_dim * (8 * max(heads, kv_heads) + 2 * 4 * (heads + 2 * kv_heads))
+    dense = 2 * 4 * heads * float(seq) ** 2 if include_dense else 0.0
+    return batch * (seq * per_token + dense)
 
 
 def _random_qkv(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int):
@@ -127,6 +173,9 @@ def attention_speed(*, seq: int = 8192, sp: int = 8, heads: int = 8, kv_heads: i
     """Forward+backward time of causal attention: ring over sp, blockwise and dense on one device.
     `chunk=None` runs the kernel's default chunks."""
     _check_split(seq, sp, chunk)
+    _check_positive(repeats=repeats)
+    _check_fits_in_memory(attention_bytes(batch, seq, heads, kv_heads, head_dim, include_dense),
+                          "attention", seq)
     q, k, v = _random_qkv(batch, seq, heads, kv_heads, head_dim)
     flops = causal_attention_flops(batch, seq, heads, head_dim)
     ring = [("ring", sp, lay, _chunks(chunk, seq // sp, lay, sp)) for lay in (layout, "contiguous")]
@@ -165,6 +214,8 @@ def layout_speed(*, seq: int = 8192, sp: int | None = None, heads: int = 8, head
     reference (it uses every core through intra-op threads)."""
     sp = jax.device_count() if sp is None else sp
     _check_split(seq, sp, chunk)
+    _check_positive(repeats=repeats)
+    _check_fits_in_memory(attention_bytes(1, seq, heads, heads, head_dim, False), "layout", seq)
     q, k, v = _random_qkv(1, seq, heads, heads, head_dim)
     cases = [("blockwise", 1, "contiguous"), *(("ring", sp, lay) for lay in layouts.LAYOUTS)]
     fns = {}
@@ -230,12 +281,18 @@ def _train_parts():
     return model, optim, sharding, train
 
 
+SHAPES = ("tiny", "small", "125m", "1b")
+
+
 def bench_model_config(shape: str = "small"):
     """Model shapes for the step benchmarks: `tiny` is configs/tiny.py's model, `small` the
     library default (4 layers, dim 256), `125m` a GPT-2-small-sized LLaMA, all fp32; `1b` is
     configs/llama_1b_32k.py as it is (bf16, its chunks), for GPU targets."""
     from ringformer.config import default_config
+    from ringformer.errors import ConfigError
 
+    if shape not in SHAPES:
+        raise ConfigError(f"unknown model shape {shape!r}", f"use --shape {', '.join(SHAPES)}")
     if shape == "1b":
         return _gpu_config()
     c = default_config()
@@ -246,8 +303,6 @@ def bench_model_config(shape: str = "small"):
     elif shape == "125m":
         c.model.update(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048,
                        vocab_size=32000)
-    elif shape != "small":
-        raise ValueError(f"unknown model shape {shape!r}; use tiny, small, 125m or 1b")
     return c
 
 
@@ -316,8 +371,9 @@ def memory(*, budget_gib: float | None = 2.0, shape: str = "small", sps=(2, 4, 8
 
         devices = hlo_overlap.gpu_devices(target, max(sps))
         budget_gib = budget_gib or hlo_overlap.gpu_memory_bytes(target) / 2**30
-    budget = int(budget_gib * 2**30)
+    _check_positive(budget_gib=budget_gib)
     base = bench_model_config(shape)
+    budget = int(budget_gib * 2**30)
     rows = []
     from tqdm import tqdm
 
@@ -359,12 +415,26 @@ def time_train_step(config, mesh_sizes: dict, seq: int, batch: int = 1, *,
     return time_fn(run, repeats=repeats)
 
 
+def step_bytes(model_cfg, seq: int, batch: int = 1) -> float:
+    """A lower bound on the memory of one training step: parameters, gradients and Adam's two
+    moments in fp32; the input of every layer, kept for the backward pass (remat full); one
+    layer's working set of about a dozen [seq, dim] arrays (q, k, v, output, residuals and
+    their gradients); the batch on the host (int64/float64) and on the device."""
+    from ringformer import metrics
+
+    act = jnp.dtype(model_cfg.dtype).itemsize
+    per_token = act * model_cfg.dim * (model_cfg.n_layers + 12) + 5 * (8 + 4)
+    return 16.0 * metrics.matmul_params(model_cfg) + batch * seq * per_token
+
+
 def step_speed(*, shape: str = "tiny", seq: int = 8192, sp: int = 8, repeats: int = 3) -> dict:
     """Training tokens/s and MFU for blockwise on one device vs the ring over `sp` devices,
     at equal total tokens per step."""
     from ringformer import metrics
 
+    _check_positive(seq=seq, sp=sp, repeats=repeats)
     base = bench_model_config(shape)
+    _check_fits_in_memory(step_bytes(base.model, seq), "step", seq)
     rows, peaks = [], []
     for impl, n in (("blockwise", 1), ("ring", sp)):
         c = base.copy_and_resolve_references()

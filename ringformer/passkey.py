@@ -24,6 +24,11 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 NEEDLE = "The pass key is {key}. Remember it. "
 QUESTION = "What is the pass key? The pass key is"
 
+# Past this a prompt is a string of hundreds of megabytes, far beyond any context trained here;
+# a mistyped length (an extra digit or three) then ends at once instead of after minutes of
+# building text and a MemoryError.
+MAX_LENGTH = 1 << 24
+
 
 @dataclass(frozen=True)
 class PasskeyExample:
@@ -75,6 +80,11 @@ def _count(tokenizer: Tokenizer, text: str) -> int:
     return len(tokenizer.encode(text)) + (tokenizer.bos_id is not None)
 
 
+def bare_prompt_tokens(tokenizer: Tokenizer | None = None, key: str = "12345") -> int:
+    """Tokens of a prompt with no filler at all (BOS included): the least a `length` can be."""
+    return _count(tokenizer or ByteTokenizer(), _prompt(0, 0.0, key)[0])
+
+
 def make_passkey_example(length: int, depth: float, *, tokenizer: Tokenizer | None = None,
                          key: str | None = None,
                          rng: np.random.Generator | int | None = None) -> PasskeyExample:
@@ -82,6 +92,8 @@ def make_passkey_example(length: int, depth: float, *, tokenizer: Tokenizer | No
     after `round(depth * n)` of its `n` filler sentences. `key` defaults to 5 random digits."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth={depth} must be in [0, 1]")
+    if length > MAX_LENGTH:
+        raise ValueError(f"length={length} is longer than the {MAX_LENGTH} tokens a prompt may have")
     tok = tokenizer or ByteTokenizer()
     key = key if key is not None else random_key(rng)
     fixed = _count(tok, _prompt(0, 0.0, key)[0])

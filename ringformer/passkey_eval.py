@@ -23,10 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ringformer.passkey import PasskeyExample, candidate_keys, make_passkey_example, random_key
+from ringformer.errors import ConfigError
+from ringformer.passkey import (
+    PasskeyExample,
+    bare_prompt_tokens,
+    candidate_keys,
+    make_passkey_example,
+    random_key,
+)
 from ringformer.tokenizer import Tokenizer
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+KEY_DIGITS = 5  # random_key's default, which make_tasks uses
+MAX_CANDIDATES = 9 * 10 ** (KEY_DIGITS - 1)  # every key of that many digits
 
 # rows (ids, answer_start) -> per row (log p of ids[answer_start:], argmax predictions there)
 Scorer = Callable[[Sequence[tuple[np.ndarray, int]]], list[tuple[np.ndarray, np.ndarray]]]
@@ -82,6 +91,57 @@ def make_tasks(tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[fl
     return tasks
 
 
+def min_length(tokenizer: Tokenizer) -> int:
+    """Fewest tokens `make_tasks` can fit a prompt and its answer into (no filler): the bare
+    prompt plus the room it keeps for the answer. Exact for the byte tokenizer, whose keys all
+    take the same number of tokens."""
+    key = "1" * KEY_DIGITS
+    return bare_prompt_tokens(tokenizer, key) + len(tokenizer.encode(f" {key}")) + 2
+
+
+def check_options(lengths: Sequence[int], depths: Sequence[float], trials: int,
+                  n_candidates: int, context: int) -> None:
+    """Passkey options that cannot work, as ConfigError; needs no model, data or tokenizer, so
+    the evaluator runs it before loading anything. Empty `lengths` means the default ones.
+
+    `check_lengths` finishes the job once the tokenizer is known.
+    """
+    if trials < 1:
+        raise ConfigError(f"--passkey_trials {trials} must be at least 1",
+                          "pass the number of prompts per length and depth, e.g. 2")
+    if not 2 <= n_candidates <= MAX_CANDIDATES:
+        # With one candidate the true key always ranks first: rank accuracy would read 1.0.
+        raise ConfigError(f"--passkey_candidates {n_candidates} must be in [2, {MAX_CANDIDATES}]: "
+                          f"the true key is ranked among that many distinct {KEY_DIGITS}-digit keys",
+                          "pass e.g. --passkey_candidates 8")
+    for d in depths:
+        if not 0.0 <= d <= 1.0:
+            raise ConfigError(f"--passkey_depths {d} is outside [0, 1]",
+                              "give depths as fractions of the prompt, e.g. 0,0.5,1")
+    for n in lengths:
+        if n < 1:
+            raise ConfigError(f"--passkey_lengths {n} must be positive",
+                              f"give prompt lengths in tokens up to the context, e.g. {context}")
+        if n > context:
+            raise ConfigError(f"--passkey_lengths {n} is longer than the context {context}",
+                              f"use lengths of at most {context}, or a longer --context")
+
+
+def check_lengths(tokenizer: Tokenizer, lengths: Sequence[int], context: int) -> None:
+    """Lengths too short for a passkey prompt with this tokenizer, as ConfigError."""
+    need = min_length(tokenizer)
+    fix = (f"use lengths from {need} to the context {context}" if need <= context
+           else f"use --context {need} or more for passkey retrieval")
+    if not lengths:
+        raise ConfigError(f"--context {context} is too short for a passkey prompt, which takes at "
+                          f"least {need} tokens with tokenizer {tokenizer.name}",
+                          f"use --context {need} or more, or leave out --passkey")
+    for n in lengths:
+        if n < need:
+            raise ConfigError(f"--passkey_lengths {n} is too short for a passkey prompt, which "
+                              f"takes at least {need} tokens with tokenizer {tokenizer.name}", fix)
+
+
 def default_lengths(context: int, tokenizer: Tokenizer) -> list[int]:
     """context/8, /4, /2 and context itself, keeping those that hold a prompt."""
     out = []
@@ -134,10 +194,15 @@ def accuracy_table(results: Sequence[dict], lengths: Sequence[int],
 
 def run_passkey(scorer: Scorer, tokenizer: Tokenizer, lengths: Sequence[int],
                 depths: Sequence[float] = DEPTHS, *, trials: int = 1, n_candidates: int = 8,
-                seed: int = 0) -> dict:
-    """The whole passkey evaluation: the accuracy table plus every prompt's result."""
-    tasks = make_tasks(tokenizer, lengths, depths, trials=trials, n_candidates=n_candidates,
-                       seed=seed)
+                seed: int = 0, tasks: Sequence[Task] | None = None) -> dict:
+    """The whole passkey evaluation: the accuracy table plus every prompt's result.
+
+    `tasks`, if given, are `make_tasks` of the same arguments, built earlier so that a length
+    that cannot hold a prompt is refused before a long evaluation rather than after it.
+    """
+    if tasks is None:
+        tasks = make_tasks(tokenizer, lengths, depths, trials=trials,
+                           n_candidates=n_candidates, seed=seed)
     results = score_tasks(tasks, scorer, tokenizer)
     return {**accuracy_table(results, lengths, depths), "trials": trials,
             "candidates": n_candidates,

@@ -13,28 +13,44 @@
 """
 
 import json
+import math
 import os
 import sys
-from argparse import RawTextHelpFormatter
+from argparse import ArgumentTypeError, RawTextHelpFormatter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ringformer.cli import ArgumentParser, ensure_cpu_devices, run_main
 
 
+def positive(kind: type):
+    """argparse type: a number > 0. Zero must not fall back to a default (`a.sp or 8`) and a
+    negative size must not reach JAX, where it ends as a traceback."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise ArgumentTypeError(f"must be positive, not {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def main() -> None:
     p = ArgumentParser(description=__doc__, formatter_class=RawTextHelpFormatter)
     p.add_argument("bench", choices=["memory", "attention", "balance", "layout", "step", "hlo", "gpu"])
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    p.add_argument("--seq", type=int, default=None, help="sequence length")
-    p.add_argument("--sp", type=int, default=None,
+    p.add_argument("--seq", type=positive(int), default=None, help="sequence length")
+    p.add_argument("--sp", type=positive(int), default=None,
                    help="ring size (default 8; for layout, the number of CPU cores)")
     p.add_argument("--shape", default=None, help="model shape: tiny, small, 125m or 1b")
-    p.add_argument("--budget_gib", type=float, default=None,
+    p.add_argument("--budget_gib", type=positive(float), default=None,
                    help="memory budget per device (default 2; with --target, the card's memory)")
-    p.add_argument("--chunk", type=int, default=None,
+    p.add_argument("--chunk", type=positive(int), default=None,
                    help="attention chunk (default: 512; attention: the kernel's, 1024 x 512)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive(int), default=3)
     p.add_argument("--target", default=None,
                    help="memory, hlo, gpu: compile for this GPU (ringformer/gpu_targets) instead of"
                         " running here; needs jax-cuda12-plugin, not a GPU")

@@ -63,7 +63,8 @@ def main() -> None:
         raise ConfigError("pass exactly one of --workdir [--step N] and --hf",
                           "name the model to evaluate")
     for name in ("data", "context", "out"):
-        if not FLAGS[name].value:
+        # `is None` for --context: 0 was given, and check_options says what is wrong with it.
+        if FLAGS[name].value is None or FLAGS[name].value in ("", []):
             raise ConfigError(f"no --{name} given", "see the usage at the top of scripts/eval.py")
     # Before jax is imported (ringformer.mesh imports it): a CPU host gets the devices the
     # mesh asks for, 8 by default.
@@ -76,9 +77,14 @@ def main() -> None:
     except ValueError as e:
         raise ConfigError(f"bad passkey lengths or depths: {e}", "use e.g. 1024,4096") from None
 
-    from ringformer.evaluate import run
+    from ringformer.evaluate import check_options, run
     from ringformer.mesh import initialize_distributed
 
+    # Before waiting for peers or loading anything; run() checks again for callers in Python.
+    check_options(context=FLAGS.context, out=FLAGS.out, stride=FLAGS.stride,
+                  batch_size=FLAGS.batch, passkey=FLAGS.passkey, passkey_lengths=lengths,
+                  passkey_depths=depths, passkey_trials=FLAGS.passkey_trials,
+                  passkey_candidates=FLAGS.passkey_candidates)
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     r = run(data=FLAGS.data, context=FLAGS.context, out=FLAGS.out, workdir=FLAGS.workdir,
             step=FLAGS.step, hf_dir=FLAGS.hf, stride=FLAGS.stride, mesh_sizes=sizes,

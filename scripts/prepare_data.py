@@ -7,13 +7,15 @@ Idempotent: a second run with unchanged inputs returns at once. See data/README.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from argparse import ArgumentTypeError
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ringformer.cli import ArgumentParser, run_main
-from ringformer.errors import DataError
+from ringformer.errors import ConfigError, DataError
 
 
 def _numbers(text: str, kind: type) -> list:
@@ -24,24 +26,61 @@ def _numbers(text: str, kind: type) -> list:
                         ) from None
 
 
-def main() -> int:
+def _at_least(low: int):
+    """argparse type: an int >= low (corpus.stdlib_files reads --limit 0 as no limit at all)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, checked before any file is read or written; adds `lengths` and `depths`."""
+    from ringformer.passkey import MAX_LENGTH, bare_prompt_tokens
+
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data"))
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N files")
+    parser.add_argument("--limit", type=_at_least(1), default=None,
+                        help="use only the first N files (default: all)")
     parser.add_argument("--eval-fraction", type=float, default=0.05)
     parser.add_argument("--passkey-lengths", default="1024,4096,16384")
     parser.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_at_least(0), default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+
+    args.lengths = _numbers(args.passkey_lengths, int)
+    args.depths = _numbers(args.passkey_depths, float)
+    if not args.lengths or not args.depths:
+        # An empty passkey.jsonl would be written, and then refused by the trainer as empty.
+        raise ConfigError("--passkey-lengths and --passkey-depths need at least one value each",
+                          "e.g. --passkey-lengths 1024,4096 --passkey-depths 0,0.5,1")
+    if not all(0 <= d <= 1 for d in args.depths) or not 0 < args.eval_fraction < 1:
+        raise DataError("passkey depths must lie in [0, 1] and --eval-fraction in (0, 1)",
+                        "e.g. --passkey-depths 0,0.5,1 --eval-fraction 0.05")
+    # Checked here, not when the passkey file is built: that comes after the whole corpus.
+    least = bare_prompt_tokens()
+    for n in args.lengths:
+        if n < least:
+            raise ConfigError(f"--passkey-lengths {n} is shorter than the bare prompt ({least} "
+                              "tokens)", f"use passkey lengths of {least} tokens or more")
+        if n > MAX_LENGTH:
+            raise ConfigError(f"--passkey-lengths {n} is longer than the {MAX_LENGTH} tokens a "
+                              "passkey prompt may have", f"use lengths of at most {MAX_LENGTH}")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
 
     from ringformer.corpus import build_passkey_file, build_stdlib_corpus
 
-    lengths = _numbers(args.passkey_lengths, int)
-    depths = _numbers(args.passkey_depths, float)
-    if not all(0 <= d <= 1 for d in depths) or not 0 < args.eval_fraction < 1:
-        raise DataError("passkey depths must lie in [0, 1] and --eval-fraction in (0, 1)",
-                        "e.g. --passkey-depths 0,0.5,1 --eval-fraction 0.05")
+    lengths, depths = args.lengths, args.depths
     out = Path(args.out)
     try:
         stdlib = build_stdlib_corpus(out / "stdlib", limit=args.limit,

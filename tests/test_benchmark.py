@@ -98,6 +98,21 @@ def test_bad_arguments_give_one_error_line():
     (["hlo", "--sp", "3"], "error: --seq 4096 does not split into two zigzag halves on each of 3"),
     (["attention", "--seq", "1000", "--sp", "2"], "error: a 512-token chunk does not divide the 1000"),
     (["step", "--seq", "1000"], "error: attention.q_chunk=256 does not divide the 1000 tokens"),
+    (["memory", "--shape", "huge"], "error: unknown model shape 'huge' (use --shape tiny, small, 125m, 1b)"),
+    (["step", "--shape", "huge", "--seq", "64"], "error: unknown model shape 'huge' (use --shape tiny,"),
+    (["attention", "--seq", "64", "--sp", "2", "--chunk", "0"],
+     "error: argument --chunk: must be positive, not 0"),
+    (["attention", "--seq", "64", "--sp", "2", "--chunk", "-8"], "error: argument --chunk: must be positive"),
+    (["balance", "--sp", "-2"], "error: argument --sp: must be positive, not -2"),
+    (["attention", "--seq", "64", "--sp", "2", "--repeats", "0", "--json"],
+     "error: argument --repeats: must be positive, not 0"),
+    (["attention", "--seq", "0"], "error: argument --seq: must be positive, not 0"),
+    (["balance", "--sp", "0"], "error: argument --sp: must be positive, not 0"),
+    (["memory", "--budget_gib", "0"], "error: argument --budget_gib: must be positive, not 0"),
+    (["memory", "--budget_gib", "-1"], "error: argument --budget_gib: must be positive, not -1"),
+    # Sizes no machine holds: refused before any array is allocated.
+    (["attention", "--seq", "8388608", "--sp", "8"], "error: --seq 8388608 needs at least"),
+    (["step", "--seq", str(2**36)], f"error: --seq {2**36} needs at least"),
 ])
 def test_bad_targets_and_sizes_give_one_error_line(args, message):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args],
@@ -105,3 +120,32 @@ def test_bad_targets_and_sizes_give_one_error_line(args, message):
     assert proc.returncode == 2
     assert proc.stderr.startswith(message)
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_sizes_are_refused_in_process(monkeypatch):
+    """The library functions refuse what the script's argument types refuse, and sizes beyond
+    the memory this machine has, before they allocate anything."""
+    from ringformer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--chunk 0 must be positive"):
+        benchmark.attention_speed(seq=64, sp=2, chunk=0)
+    with pytest.raises(ConfigError, match="--repeats 0 must be positive"):
+        benchmark.attention_speed(seq=64, sp=2, chunk=16, repeats=0)
+    with pytest.raises(ConfigError, match="--sp -2 must be positive"):
+        benchmark.balance(seq_len=64, sp=-2)
+    with pytest.raises(ConfigError, match="--budget_gib 0 must be positive"):
+        benchmark.memory(budget_gib=0, shape="tiny")
+    with pytest.raises(ConfigError, match=r"unknown model shape 'huge' \(use --shape tiny, small, 125m, 1b"):
+        benchmark.bench_model_config("huge")
+    # The estimate is a lower bound: the arrays themselves, plus the dense [seq, seq] matrices.
+    qkv = benchmark.attention_bytes(1, 1024, 8, 2, 64, include_dense=False)
+    assert qkv >= 2 * 4 * 1024 * (8 + 2 * 2) * 64
+    assert benchmark.attention_bytes(1, 1024, 8, 2, 64, include_dense=True) >= qkv + 8 * 1024**2 * 4
+    monkeypatch.setattr(benchmark, "_available_memory", lambda: 2**20)
+    with pytest.raises(ConfigError, match=r"--seq 8192 needs at least .* GiB for the attention .* "
+                                          r"0.0 GiB available \(use a smaller --seq\)"):
+        benchmark.attention_speed(seq=8192, sp=2)
+    with pytest.raises(ConfigError, match="for the layout benchmark"):
+        benchmark.layout_speed(seq=8192, sp=2, chunk=512)
+    with pytest.raises(ConfigError, match="for the step benchmark"):
+        benchmark.step_speed(shape="tiny", seq=512, sp=2)

@@ -375,3 +375,103 @@ def test_bad_inputs_fail_cleanly(hf_model, data_file, tmp_path):
         assert expect[name] in lines[0], (name, lines[0])
     assert not (tmp_path / "nope").exists() and not any(empty.iterdir())
     assert not (tmp_path / "r.json").exists()
+
+
+def _refusal(**options) -> str:
+    """The one-line message `check_options` refuses `options` with (defaults: a good run)."""
+    from ringformer.errors import ConfigError
+
+    kw = {"context": 512, "out": "r.json", "passkey": True, "passkey_lengths": [300],
+          "passkey_depths": [0.0, 1.0], "passkey_trials": 1, "passkey_candidates": 8, **options}
+    with pytest.raises(ConfigError) as e:
+        evaluate.check_options(**kw)
+    return str(e.value)
+
+
+def test_options_are_checked_with_the_right_fix(tmp_path):
+    evaluate.check_options(context=512, out=str(tmp_path / "new" / "r.json"), passkey=True,
+                           passkey_lengths=[300, 512], passkey_depths=[0.0, 1.0],
+                           passkey_trials=1, passkey_candidates=2)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("kept")
+    assert _refusal(out=str(tmp_path / "dir")).startswith(f"--out {tmp_path / 'dir'} is a directory")
+    assert "is a file, not a directory" in _refusal(out=str(tmp_path / "file" / "r.json"))
+    assert "also where its plot goes" in _refusal(out=str(tmp_path / "r.png"))
+    assert _refusal(context=0) == "--context 0 must be positive (pass e.g. --context 4096)"
+    assert _refusal(stride=600).startswith("--stride 600 must be in [1, context=512]")
+    assert _refusal(batch_size=0).startswith("--batch 0 must be positive")
+    msg = _refusal(passkey_depths=[2.0])
+    assert msg.startswith("--passkey_depths 2.0 is outside [0, 1]") and "lengths" not in msg
+    for trials in (0, -1):
+        assert _refusal(passkey_trials=trials).startswith(f"--passkey_trials {trials} must be")
+    assert _refusal(context=128, passkey_lengths=[0]).startswith(
+        "--passkey_lengths 0 must be positive")
+    assert _refusal(passkey_lengths=[300, 600]).startswith(
+        "--passkey_lengths 600 is longer than the context 512")
+    for n in (0, 1, 90_001):  # one candidate would score rank accuracy 1.0 for any model
+        assert _refusal(passkey_candidates=n).startswith(f"--passkey_candidates {n} must be in [2,")
+    # Without --passkey its options are not looked at.
+    evaluate.check_options(context=512, out="r.json", passkey=False, passkey_trials=0)
+    assert (tmp_path / "file").read_text() == "kept" and not (tmp_path / "new").exists()
+
+
+def test_passkey_lengths_must_hold_a_prompt():
+    from ringformer.errors import ConfigError
+
+    need = passkey_eval.min_length(BYTE)
+    passkey_eval.make_tasks(BYTE, [need], [0.0, 1.0], n_candidates=8)  # exact for bytes
+    with pytest.raises(ValueError):
+        passkey_eval.make_tasks(BYTE, [need - 1], [0.0], n_candidates=8)
+    passkey_eval.check_lengths(BYTE, [need, 512], 512)
+    with pytest.raises(ConfigError, match=f"--passkey_lengths 100 is too short .* at least {need} "
+                       rf"tokens .* \(use lengths from {need} to the context 512\)"):
+        passkey_eval.check_lengths(BYTE, [100], 512)
+    with pytest.raises(ConfigError, match=rf"\(use --context {need} or more for passkey"):
+        passkey_eval.check_lengths(BYTE, [100], 128)
+    with pytest.raises(ConfigError, match="--context 64 is too short for a passkey prompt"):
+        passkey_eval.check_lengths(BYTE, passkey_eval.default_lengths(64, BYTE), 64)
+
+
+def test_run_refuses_before_loading_anything(tmp_path, data_file):
+    """Bad options and paths end `run` before a model is loaded: a missing workdir would be
+    reported otherwise. Data errors name --data, not the trainer's config keys."""
+    from ringformer.errors import CheckpointError, ConfigError, DataError
+
+    (tmp_path / "dir").mkdir()
+    kw = dict(data=[str(data_file)], context=64, out=str(tmp_path / "r.json"),
+              workdir=str(tmp_path / "nope"), progress=False)
+    with pytest.raises(ConfigError, match="is a directory"):
+        evaluate.run(**{**kw, "out": str(tmp_path / "dir")})
+    with pytest.raises(ConfigError, match="--passkey_trials 0"):
+        evaluate.run(**kw, passkey=True, passkey_trials=0)
+    with pytest.raises(DataError) as e:
+        evaluate.run(**{**kw, "data": [str(tmp_path / "none.jsonl")]})
+    assert "does not exist" in e.value.what and "--data" in e.value.fix
+    assert "data.train_files" not in str(e.value)
+    (tmp_path / "a_file").write_text("kept")
+    with pytest.raises(CheckpointError, match=r"workdir .*a_file is not a directory"):
+        evaluate.run(**{**kw, "workdir": str(tmp_path / "a_file")})
+    assert (tmp_path / "a_file").read_text() == "kept" and not (tmp_path / "r.json").exists()
+
+
+def test_script_checks_flags_before_loading(tmp_path, data_file):
+    """scripts/eval.py: `--context 0` is checked (not taken for a missing flag), and options
+    are refused before the workdir (missing here) is looked at."""
+    (tmp_path / "dir").mkdir()
+    base = ["--workdir", tmp_path / "nope", "--data", data_file]
+    cases = {
+        "context_zero": ([*base, "--context", 0, "--out", tmp_path / "r.json"],
+                         "error: --context 0 must be positive"),
+        "out_is_a_directory": ([*base, "--context", 64, "--out", tmp_path / "dir"],
+                               f"error: --out {tmp_path / 'dir'} is a directory"),
+        "passkey_depth": ([*base, "--context", 512, "--out", tmp_path / "r.json", "--passkey",
+                           "--passkey_lengths", 300, "--passkey_depths", 2],
+                          "error: --passkey_depths 2.0 is outside [0, 1]"),
+    }
+    procs = {name: _script(*args) for name, (args, _) in cases.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (name, err[-2000:])
+        assert err.strip().splitlines() == [err.strip()] and "Traceback" not in err, (name, err)
+        assert err.startswith(cases[name][1]), (name, err)
+    assert not (tmp_path / "r.json").exists() and not any((tmp_path / "dir").iterdir())

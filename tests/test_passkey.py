@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from ringformer.passkey import FILLER, NEEDLE, QUESTION, candidate_keys, make_passkey_example
+from ringformer.passkey import (
+    FILLER,
+    MAX_LENGTH,
+    NEEDLE,
+    QUESTION,
+    bare_prompt_tokens,
+    candidate_keys,
+    make_passkey_example,
+)
 from ringformer.tokenizer import load_tokenizer
 
 TOK = load_tokenizer("byte")
@@ -53,6 +61,17 @@ def test_bad_arguments():
         make_passkey_example(1000, 1.5)
     with pytest.raises(ValueError, match="shorter than the bare prompt"):
         make_passkey_example(20, 0.5)
+
+
+def test_length_bounds():
+    """bare_prompt_tokens is the exact least length (scripts check options with it), and a
+    length past MAX_LENGTH is refused before any text is built."""
+    least = bare_prompt_tokens()
+    assert len(make_passkey_example(least, 0.5, rng=0).ids) == least
+    with pytest.raises(ValueError, match="shorter than the bare prompt"):
+        make_passkey_example(least - 1, 0.5, rng=0)
+    with pytest.raises(ValueError, match=f"longer than the {MAX_LENGTH} tokens"):
+        make_passkey_example(10_000_000_000, 0.5, rng=0)
 
 
 def test_tokenizer_with_bos(tmp_path):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ringformer import data
 from ringformer.corpus import split_of, stdlib_files, stdlib_root
 
@@ -16,6 +18,12 @@ def _run(out, *extra):
                            "--out", str(out), "--limit", "60", "--passkey-lengths", "512,1024",
                            "--passkey-depths", "0,0.5,1", *extra],
                           capture_output=True, text=True, timeout=120)
+
+
+def test_short_passkey_length_is_refused_before_the_corpus(tmp_path):
+    r = _run(tmp_path, "--passkey-lengths", "20")
+    assert r.returncode == 2 and "shorter than the bare prompt" in r.stderr
+    assert not (tmp_path / "stdlib").exists()
 
 
 def test_prepare_data_writes_the_corpus(tmp_path):
@@ -52,6 +60,24 @@ def test_bad_option_is_one_line_error(tmp_path):
     assert "Traceback" not in r.stderr
     r = _run(tmp_path / "b", "--passkey-lengths", "20")
     assert r.returncode == 2 and "shorter than the bare prompt" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--passkey-lengths", "10000000000"],
+     "error: --passkey-lengths 10000000000 is longer than the 16777216 tokens"),
+    (["--limit", "0"], "error: argument --limit: must be at least 1, not 0"),
+    (["--limit", "-1"], "error: argument --limit: must be at least 1, not -1"),
+    (["--passkey-lengths", ""], "error: --passkey-lengths and --passkey-depths need at least one"),
+    (["--passkey-depths", ""], "error: --passkey-lengths and --passkey-depths need at least one"),
+    (["--seed", "-1"], "error: argument --seed: must be at least 0"),
+])
+def test_bad_option_is_refused_before_anything_is_built(tmp_path, args, message):
+    """Refused at once (the passkey file used to be built only after the whole corpus, and a huge
+    length ran for minutes into a MemoryError), and nothing is written."""
+    r = _run(tmp_path / "out", *args)
+    assert r.returncode == 2 and r.stderr.startswith(message), r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_split_is_stable_and_about_five_percent():
