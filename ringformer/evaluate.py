@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ringformer import eval_options, model, sharding
 from ringformer import layout as layouts
 from ringformer import loss as losses
-from ringformer import model, sharding
 from ringformer.errors import CheckpointError, ConfigError, DataError, UserError
 
 # A ring block shorter than this wastes the devices on communication: the default mesh puts
@@ -372,72 +372,6 @@ def check_context(cfg: model.ModelConfig, context: int, allow_longer: bool = Fal
                           "--allow_longer_context to measure extrapolation anyway")
 
 
-def check_options(*, context: int, out: str, stride: int | None = None,
-                  batch_size: int | None = None, passkey: bool = False,
-                  passkey_lengths: Sequence[int] | None = None,
-                  passkey_depths: Sequence[float] | None = None, passkey_trials: int = 1,
-                  passkey_candidates: int = 8) -> None:
-    """Every option `run` can judge without a model, data or tokenizer, as ConfigError.
-
-    Runs first, so a typo costs seconds rather than a whole evaluation that would fail only
-    when it writes its results.
-    """
-    from ringformer import passkey_eval
-
-    if context < 1:
-        raise ConfigError(f"--context {context} must be positive", "pass e.g. --context 4096")
-    if stride is not None and not 1 <= stride <= context:
-        raise ConfigError(f"--stride {stride} must be in [1, context={context}]",
-                          "use a stride no longer than the context, or leave it out")
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"--batch {batch_size} must be positive",
-                          "pass a multiple of dp*fsdp, or leave it out")
-    _check_out(out, passkey)
-    if passkey:
-        passkey_eval.check_options(passkey_lengths or [], passkey_depths or passkey_eval.DEPTHS,
-                                   passkey_trials, passkey_candidates, context)
-
-
-def _check_out(out: str, passkey: bool) -> None:
-    """--out and the plots beside it must be files that can be written."""
-    import os
-
-    path = Path(out)
-    if path.is_dir():
-        raise ConfigError(f"--out {out} is a directory",
-                          f"name the JSON file to write, e.g. --out {path / 'eval.json'}")
-    plots = [path.with_suffix(".png")]
-    if passkey:
-        plots.append(path.with_name(path.stem + "_passkey.png"))
-    for plot in plots:
-        if plot == path:
-            raise ConfigError(f"--out {out} is also where its plot goes",
-                              f"name a .json file, e.g. --out {path.with_suffix('.json')}")
-        if plot.is_dir():
-            raise ConfigError(f"the plot of --out {out} goes to {plot}, which is a directory",
-                              "choose another --out")
-    # The nearest existing ancestor decides whether the missing directories can be created.
-    first = next(p for p in (path, *path.absolute().parents) if p.exists() or p == p.parent)
-    if first != path and not first.is_dir():
-        raise ConfigError(f"--out {out} cannot be created: {first} is a file, not a directory",
-                          "choose another --out")
-    if not os.access(first, os.W_OK):
-        raise ConfigError(f"--out {out} cannot be written: {first} is not writable",
-                          "choose a writable --out")
-
-
-# Data errors name the trainer's config keys; the evaluator takes the same data by flags.
-_EVAL_FIXES = (("data.train_files / data.eval_files", "the --data paths"),
-               ("set data.text_field", "pass --text_field"))
-
-
-def _eval_data_error(e: DataError) -> DataError:
-    fix = e.fix
-    for key, flag in _EVAL_FIXES:
-        fix = fix.replace(key, flag)
-    return DataError(e.what, fix)
-
-
 def _hf_tokenizer_spec(hf_dir: str) -> str | None:
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     return hf_dir if any((Path(hf_dir) / n).is_file() for n in names) else None
@@ -497,14 +431,14 @@ def run(*, data: Sequence[str] | str, context: int, out: str, workdir: str | Non
     from ringformer.sources import resolve_files
     from ringformer.tokenizer import load_tokenizer
 
-    check_options(context=context, out=out, stride=stride, batch_size=batch_size,
+    eval_options.check_options(context=context, out=out, stride=stride, batch_size=batch_size,
                   passkey=passkey, passkey_lengths=passkey_lengths,
                   passkey_depths=passkey_depths, passkey_trials=passkey_trials,
                   passkey_candidates=passkey_candidates)
     try:
         resolve_files(data)  # paths only, before the model is loaded; reading comes later
     except DataError as e:
-        raise _eval_data_error(e) from e
+        raise eval_options.eval_data_error(e) from e
     sizes = dict(mesh_sizes) if mesh_sizes else default_mesh(jax.device_count(), context)
     mesh = make_mesh(sizes)
     sizes = {a: int(mesh.shape[a]) for a in mesh.axis_names}
@@ -539,7 +473,7 @@ def run(*, data: Sequence[str] | str, context: int, out: str, workdir: str | Non
     try:
         docs = document_tokens(data, tok, text_field=text_field)
     except DataError as e:
-        raise _eval_data_error(e) from e
+        raise eval_options.eval_data_error(e) from e
     out_path = Path(out)
     try:  # before the long part, but only once the model and the data are known to be good
         out_path.parent.mkdir(parents=True, exist_ok=True)

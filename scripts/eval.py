@@ -77,7 +77,8 @@ def main() -> None:
     except ValueError as e:
         raise ConfigError(f"bad passkey lengths or depths: {e}", "use e.g. 1024,4096") from None
 
-    from ringformer.evaluate import check_options, run
+    from ringformer.eval_options import check_options
+    from ringformer.evaluate import run
     from ringformer.mesh import initialize_distributed
 
     # Before waiting for peers or loading anything; run() checks again for callers in Python.
