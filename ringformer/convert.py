@@ -84,7 +84,7 @@ def import_hf(hf_dir: str, workdir: str, config=None) -> None:
 def export_hf(workdir: str, out_dir: str, step: int | None = None) -> None:
     """Write `workdir`'s newest valid (or `step`) parameters into the new or empty `out_dir`."""
     from ringformer import hf, model, train
-    from ringformer.workdir import missing_dirs
+    from ringformer.workdir import missing_dirs, remove_unused_workdir
 
     # Refused before anything is read: writing into a directory that holds files would replace
     # its config.json (a run's own, if --out is a workdir) or mix two models' files.
@@ -104,8 +104,6 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None) -> None:
         hf.save_llama(cfg, state.params, out_dir)
     except BaseException:
         # save_llama removes its own partial files; the directories made for it go too.
-        for d in created:
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
+        remove_unused_workdir(created)
         raise
     print(f"exported step {int(state.step)} of {workdir} to {out_dir}")

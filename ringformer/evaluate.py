@@ -28,7 +28,8 @@ import numpy as np
 from ringformer import eval_options, model, sharding
 from ringformer import layout as layouts
 from ringformer import loss as losses
-from ringformer.errors import CheckpointError, ConfigError, DataError, UserError
+from ringformer.errors import ConfigError, DataError, UserError
+from ringformer.workdir import require_checkpoints
 
 # A ring block shorter than this wastes the devices on communication: the default mesh puts
 # fewer devices on sp rather than give each one fewer tokens.
@@ -387,26 +388,13 @@ def load_model(*, mesh_sizes: dict, context: int, workdir: str | None = None,
     """
     over = {} if dtype == "auto" else {"dtype": dtype}
     if hf_dir:
-        import json
-
         from ringformer import hf
 
-        # The context check reads config.json only, before any weight is loaded.
-        try:
-            with open(Path(hf_dir) / "config.json") as f:
-                check_context(hf.config_from_hf(json.load(f)), context, allow_longer_context)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            # load_llama below explains what is wrong with the directory.
+        # Checked on config.json alone, before any weight is loaded.
+        check_context(hf.read_config(hf_dir), context, allow_longer_context)
         cfg, params = hf.load_llama(hf_dir, **{"dtype": "float32", "attn_layout": "zigzag", **over})
         return cfg, params, _hf_tokenizer_spec(hf_dir), f"hf {hf_dir}"
-    ckpts = Path(workdir) / "checkpoints"
-    if not ckpts.is_dir():
-        what = (f"no checkpoints in {workdir}" if Path(workdir).is_dir()
-                else f"workdir {workdir} is not a directory" if Path(workdir).exists()
-                else f"workdir {workdir} does not exist")
-        raise CheckpointError(what, "point --workdir at a run that saved a checkpoint, or use --hf")
+    require_checkpoints(workdir, "point --workdir at a run that saved a checkpoint, or use --hf")
     from ringformer.train import restore_run  # the trainer imports this module
 
     config, state = restore_run(workdir, mesh_sizes, step=step)

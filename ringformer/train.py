@@ -31,7 +31,13 @@ from ringformer.config import validate
 from ringformer.errors import CheckpointError, UserError
 from ringformer.mesh import make_mesh
 from ringformer.tokenizer import load_tokenizer
-from ringformer.workdir import WorkdirLock, missing_dirs, prepare_workdir, remove_unused_workdir
+from ringformer.workdir import (
+    WorkdirLock,
+    missing_dirs,
+    prepare_workdir,
+    remove_unused_workdir,
+    require_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +127,18 @@ def init_state(model_cfg: model.ModelConfig, tx, mesh, seed: int) -> TrainState:
     return TrainState(step, params, opt_state)
 
 
-def _init_from(source: str, model_cfg: model.ModelConfig, state: TrainState, tx) -> TrainState:
+def _init_from(source: str, model_cfg: model.ModelConfig, state: TrainState, tx, *,
+               verified_step: int | None = None) -> TrainState:
     """Start from another run's or a Hugging Face model's parameters, with a fresh optimizer.
 
     Only the parameters are taken: a context-extension stage changes RoPE theta, context and
-    mesh, so everything else comes from this run's config.
+    mesh, so everything else comes from this run's config. `verified_step`: a step of the
+    run `source` whose checksums the caller has just verified (its newest valid one).
     """
     path = Path(source)
     if (path / "checkpoints").is_dir():
-        params = restore_run(path)[1].params
+        params = restore_run(path, step=verified_step,
+                             verify_checksums=verified_step is None)[1].params
     elif (path / "config.json").is_file():
         from ringformer import hf
         params = hf.load_llama(str(path))[1]
@@ -268,9 +277,10 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
             # step) holds weights but no training: it starts this run like `init_from`, with
             # this config's optimizer, data order and config.json, not the writer's.
             state = init_state(model_cfg, tx, mesh, cfg_t.seed)
-            source = str(workdir) if latest == 0 else cfg_t.init_from
-            if source:
-                state = _init_from(source, model_cfg, state, tx)
+            if latest == 0:  # just verified above: read it without a second checksum pass
+                state = _init_from(str(workdir), model_cfg, state, tx, verified_step=0)
+            elif cfg_t.init_from:
+                state = _init_from(cfg_t.init_from, model_cfg, state, tx)
             if lead:
                 (workdir / "config.json").write_text(json.dumps(_config_json(config), indent=2)
                                                      + "\n")
@@ -386,21 +396,15 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
     return last
 
 
-def restore_run(workdir: str | Path, mesh_cfg=None, *, step: int | None = None
-                ) -> tuple[ml_collections.ConfigDict, TrainState]:
+def restore_run(workdir: str | Path, mesh_cfg=None, *, step: int | None = None,
+                verify_checksums: bool = True) -> tuple[ml_collections.ConfigDict, TrainState]:
     """Load a run's config and train state from `workdir` (newest valid step, or `step`).
 
     `mesh_cfg` (dp/fsdp/sp/tp, -1 fills) places the state on another mesh than the one it was
     trained on, e.g. more sequence parallelism for long-context evaluation.
     """
-    # Checked first: the Checkpointer creates checkpoints/ (and the workdir) when missing, which
-    # would leave a directory behind that looks like a run, or fail on a file with a traceback.
-    if not (Path(workdir) / ckpt_lib.CHECKPOINT_DIR).is_dir():
-        raise CheckpointError(f"no checkpoints in {workdir}" if Path(workdir).is_dir()
-                              else f"workdir {workdir} is not a directory"
-                              if Path(workdir).exists() else f"workdir {workdir} does not exist",
-                              "point --workdir at a run that saved a checkpoint")
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=1 << 30)
+    require_checkpoints(workdir, "point --workdir at a run that saved a checkpoint")
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=1 << 30, verify_checksums=verify_checksums)
     try:
         step = checkpointer.latest_valid_step() if step is None else step
         if step is None:

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from ringformer.errors import UserError
+from ringformer.errors import CheckpointError, UserError
 
 LOCK_NAME = ".lock"
 
@@ -39,6 +39,20 @@ def prepare_workdir(path: str | os.PathLike) -> Path:
         raise UserError(f"cannot create workdir {p}: {e.strerror}",
                         "choose a --workdir you can write to") from e
     return p
+
+
+def require_checkpoints(workdir: str | os.PathLike, fix: str) -> None:
+    """Refuse a `workdir` without a `checkpoints/` directory, saying which of the three it is.
+
+    Checked before a Checkpointer is built: it creates `checkpoints/` (and the workdir) when
+    missing, which would leave a directory behind that looks like a run, or fail on a file
+    with a traceback.
+    """
+    p = Path(workdir)
+    if not (p / "checkpoints").is_dir():
+        raise CheckpointError(f"no checkpoints in {workdir}" if p.is_dir()
+                              else f"workdir {workdir} is not a directory" if p.exists()
+                              else f"workdir {workdir} does not exist", fix)
 
 
 def missing_dirs(path: str | os.PathLike) -> list[Path]:
