@@ -3,7 +3,7 @@
 Shapes everywhere: q [batch, seq, heads, head_dim], k/v [batch, seq, kv_heads, head_dim] with
 kv_heads dividing heads (GQA: k/v are never repeated, so ring traffic shrinks by heads/kv_heads).
 
-The blockwise and ring paths share one kernel (`ringformer/ring_kernel.py`): sweeps over the
+The blockwise and ring paths share one kernel (`ringformer/ops/ring.py`): sweeps over the
 tiles of a query block against one key/value block, the ring loop that rotates the blocks, and
 forward and backward passes that reuse the same tile scoring and skipping.
 
@@ -25,9 +25,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ringformer import layout as layouts
 from ringformer.config import KERNELS
-from ringformer.ring_kernel import F32, MASK, Options, ring_core
+from ringformer.ops import layouts
+from ringformer.ops.ring import ring_core
+from ringformer.ops.xla_tiles import F32, MASK, Options
 
 IMPLS = ("ring", "blockwise", "dense")
 # Tuned on the CPU backend (docs/BENCHMARKS.md): taller query chunks amortise each key chunk's

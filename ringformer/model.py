@@ -36,12 +36,12 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from ringformer import layout as layouts
 from ringformer import loss as losses
 from ringformer import sharding
 from ringformer.attention import attention_in_layout
 from ringformer.config import DTYPES, IMPLS, KERNELS, LAYOUTS, PIPELINE_GRADS, REMAT_POLICIES, ROPE_SCALINGS
 from ringformer.errors import ConfigError
+from ringformer.ops import layouts
 
 F32 = jnp.float32
 ACT = ("batch", "length", "embed")

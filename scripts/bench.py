@@ -20,7 +20,7 @@ from argparse import ArgumentTypeError, RawTextHelpFormatter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ringformer.cli import ArgumentParser, ensure_cpu_devices, run_main
+from ringformer.launch.flags import ArgumentParser, ensure_cpu_devices, run_main
 
 
 def positive(kind: type):
@@ -73,7 +73,7 @@ def main() -> None:
         # kernel alone.
         ensure_cpu_devices(a.sp if a.bench == "attention" else max(8, a.sp))
 
-    from ringformer import benchmark as b
+    from ringformer.tools import benchmark as b
 
     kw = {"seq": a.seq} if a.seq else {}
     if a.bench == "memory":

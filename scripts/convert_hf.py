@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags
 from ml_collections import config_flags
 
-from ringformer.cli import parse_flags, run_main
 from ringformer.errors import ConfigError
+from ringformer.launch.flags import parse_flags, run_main
 
 config_flags.DEFINE_config_file("config", None, "Run config for import (default: defaults).")
 flags.DEFINE_string("workdir", None, "ringformer workdir (checkpoints/ inside).")
@@ -40,7 +40,7 @@ def main() -> None:
             raise ConfigError("import needs the Hugging Face directory", USAGE)
         hf_dir = argv.pop(1)
     parse_flags(argv)
-    from ringformer import convert
+    from ringformer.hf import convert
 
     if not FLAGS.workdir:
         raise ConfigError("no --workdir given", USAGE)

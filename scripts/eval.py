@@ -14,9 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags
 
-from ringformer.cli import devices_for_mesh, ensure_cpu_devices, parse_flags, run_main
 from ringformer.config import parse_mesh_flag
 from ringformer.errors import ConfigError
+from ringformer.launch.flags import devices_for_mesh, ensure_cpu_devices, parse_flags, run_main
 
 flags.DEFINE_string("workdir", None, "Training run to evaluate (its newest checkpoint).")
 flags.DEFINE_integer("step", None, "Evaluate this checkpoint step of --workdir instead.")
@@ -77,9 +77,9 @@ def main() -> None:
     except ValueError as e:
         raise ConfigError(f"bad passkey lengths or depths: {e}", "use e.g. 1024,4096") from None
 
-    from ringformer.eval_options import check_options
-    from ringformer.evaluate import run
-    from ringformer.mesh import initialize_distributed
+    from ringformer.eval.options import check_options
+    from ringformer.eval.perplexity import run
+    from ringformer.launch.distributed import initialize_distributed
 
     # Before waiting for peers or loading anything; run() checks again for callers in Python.
     check_options(context=FLAGS.context, out=FLAGS.out, stride=FLAGS.stride,

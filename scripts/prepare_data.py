@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ringformer.cli import ArgumentParser, run_main
 from ringformer.errors import ConfigError, DataError
+from ringformer.launch.flags import ArgumentParser, run_main
 
 
 def _numbers(text: str, kind: type) -> list:
@@ -41,7 +41,7 @@ def _at_least(low: int):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, checked before any file is read or written; adds `lengths` and `depths`."""
-    from ringformer.passkey import MAX_LENGTH, bare_prompt_tokens
+    from ringformer.data.passkey import MAX_LENGTH, bare_prompt_tokens
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data"))
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
 
-    from ringformer.corpus import build_passkey_file, build_stdlib_corpus
+    from ringformer.data.corpus import build_passkey_file, build_stdlib_corpus
 
     lengths, depths = args.lengths, args.depths
     out = Path(args.out)

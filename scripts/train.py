@@ -11,8 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags
 from ml_collections import config_flags
 
-from ringformer.cli import devices_for_mesh, ensure_cpu_devices, parse_flags, run_main
 from ringformer.errors import ConfigError
+from ringformer.launch.flags import devices_for_mesh, ensure_cpu_devices, parse_flags, run_main
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py).",
                                 lock_config=True)
@@ -32,8 +32,8 @@ def main() -> None:
     # Must happen before jax is imported: a CPU host gets the devices the mesh asks for.
     ensure_cpu_devices(devices_for_mesh(FLAGS.config.mesh, FLAGS.num_processes or 1))
 
-    from ringformer.mesh import initialize_distributed
-    from ringformer.train import train_and_evaluate
+    from ringformer.launch.distributed import initialize_distributed
+    from ringformer.train.loop import train_and_evaluate
 
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -125,7 +125,7 @@ def test_pipelined_gradients_match_float64_reference(mesh_kw, use_seg, layout):
     (dict(sp=4, tp=2), False, "striped", True),
 ])
 def test_pallas_kernel_matches_float64_reference(mesh_kw, use_seg, layout, pipeline):
-    """The fused GPU block kernels (ringformer/pallas_block.py), run in Pallas's interpreter."""
+    """The fused GPU block kernels (ringformer/ops/pallas_gpu.py), run in Pallas's interpreter."""
     q, k, v, dout, seg = make_inputs(kv=2)
     seg = seg if use_seg else None
     ref_out, ref_grads = reference(q, k, v, dout, causal=True, seg=seg)

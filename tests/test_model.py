@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from _llama_oracle import VOCAB, build, hf_logits, rel_err
 
-from ringformer import hf, model, sharding
-from ringformer import layout as layouts
 from ringformer import mesh as meshlib
+from ringformer import model, sharding
 from ringformer.config import default_config
 from ringformer.errors import ConfigError
+from ringformer.hf import mapping as hf
+from ringformer.ops import layouts
 
 MESHES = {
     "single": None,

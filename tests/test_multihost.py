@@ -161,7 +161,7 @@ def test_two_processes_train_like_one(runs):
     assert [r["step"] for r in rows(two) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows(two) if "eval_loss" in r] == [3, 6]
     assert (two / "config.json").is_file() and any((two / "tb").iterdir())
-    from ringformer.checkpoint import Checkpointer
+    from ringformer.train.checkpoint import Checkpointer
 
     with Checkpointer(two, keep=3) as ck:
         # All committed, and the final save (step 6 again) agreed on by both processes.
@@ -176,9 +176,10 @@ def test_one_process_yields_the_rows_two_processes_would(corpus):
     holds both batch shards and stacks exactly the rows that each of two processes yields."""
     import ml_collections
 
-    from ringformer import data, layout
+    from ringformer.data import pipeline as data
+    from ringformer.data.tokenizer import load_tokenizer
     from ringformer.mesh import make_mesh
-    from ringformer.tokenizer import load_tokenizer
+    from ringformer.ops import layouts as layout
 
     cfg = ml_collections.ConfigDict({"train_files": str(corpus[0]), "seq_len": 64,
                                      "global_batch_size": 4})
@@ -206,10 +207,11 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(runs, cor
     two, the stream it continues is the new mesh's (docs/multihost.md)."""
     import jax
 
-    from ringformer import data, model
+    from ringformer import model
+    from ringformer.data import pipeline as data
+    from ringformer.data.tokenizer import load_tokenizer
     from ringformer.mesh import make_mesh
-    from ringformer.tokenizer import load_tokenizer
-    from ringformer.train import restore_run
+    from ringformer.train.state import restore_run
 
     workdir = tmp_path / "run"
     shutil.copytree(runs[2], workdir)
@@ -295,7 +297,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(corpus, group, tmp_pa
     except subprocess.TimeoutExpired:
         pytest.fail("a process hung after SIGTERM: " + group.stderr(0)[-2000:])
     assert codes == [0, 0], [group.stderr(i)[-2000:] for i in range(2)]
-    from ringformer.checkpoint import Checkpointer
+    from ringformer.train.checkpoint import Checkpointer
 
     with Checkpointer(workdir, keep=3) as ck:
         stopped = ck.latest_valid_step()

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from ringformer.errors import CheckpointError, DataError
-from ringformer.workdir import WorkdirLock, missing_dirs, prepare_workdir, remove_unused_workdir
+from ringformer.train.workdir import WorkdirLock, missing_dirs, prepare_workdir, remove_unused_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.py")
@@ -361,11 +361,11 @@ def test_finished_run_started_again_says_so_and_writes_nothing(home, run_copy):
 FAILED_SAVE = """
 import sys
 sys.path.insert(0, sys.argv[2])
-from ringformer.cli import run_main
+from ringformer.launch.flags import run_main
 
 def main():
     import jax.numpy as jnp
-    from ringformer.checkpoint import Checkpointer
+    from ringformer.train.checkpoint import Checkpointer
     ck = Checkpointer(sys.argv[1], keep=3)
     ck.directory.rmdir()
     ck.directory.write_text("precious\\n")
@@ -429,7 +429,7 @@ def test_second_trainer_is_refused_while_the_first_runs(home, tmp_path):
 def test_lock_is_released_on_error_paths_in_process(home, trained, tmp_path):
     """In one process (a notebook, the eval tool) the lock must be given back after an error,
     not only when the process dies; and a first run that fails takes back its workdir."""
-    from ringformer.train import train_and_evaluate
+    from ringformer.train.loop import train_and_evaluate
 
     bad_data = smoke_config(**{"data.train_files": str(home / "data" / "broken.jsonl")})
     fresh = tmp_path / "a" / "b"
@@ -468,7 +468,7 @@ def test_lock_is_released_on_error_paths_in_process(home, trained, tmp_path):
 def test_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(home, trained, tmp_path):
     """The fault is injected (a NaN loss mask at step 4, through the real step function) so
     the run is the `trained` one, compiled program included, up to the fault."""
-    from ringformer.train import restore_run
+    from ringformer.train.state import restore_run
 
     workdir = tmp_path / "run"
     proc = train(workdir, "--config.train.save_every=1", data=GOOD.format(home=home),
@@ -489,7 +489,7 @@ def test_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(home, 
 def test_skip_nonfinite_completes_and_counts_skipped_steps(home, tmp_path):
     """A real divergence: with lr=1e30 the first updates blow the weights up to ~1e29 (still
     finite) and the next gradient overflows. No test-only hook is involved."""
-    from ringformer.train import restore_run
+    from ringformer.train.state import restore_run
 
     workdir = tmp_path / "run"
     # Every step saved and kept, so the state after the last finite step is on disk too.
