@@ -3,16 +3,16 @@
 `train_and_evaluate(config, workdir)` is the whole job. `make_train_step` builds the pure
 `train_step(state, batch) -> (state, metrics)` that is jitted once with donated state and
 explicit shardings. Resuming is bitwise exact on CPU: a checkpoint holds the parameters, the
-optimizer state, the step and the data iterator's position, and the step function is
-deterministic given those.
+optimizer state, the step, the data iterator's position and the metric window (the steps since
+the last log row), and the step function is deterministic given those.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import Mesh
 
 from ringformer import model, optim, sharding
 from ringformer.config import validate
@@ -142,7 +143,7 @@ class _StopSignal:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Train `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
-    mesh_sizes = validate(config, jax.device_count())
+    validate(config, jax.device_count())
     lead = jax.process_index() == 0
     created = missing_dirs(workdir)
     workdir = prepare_workdir(workdir)
@@ -150,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     lock = WorkdirLock(workdir) if lead else contextlib.nullcontext()
     with lock, _StopSignal() as stop:
         try:
-            return _train(config, workdir, mesh_sizes, stop)
+            return _train(config, workdir, stop)
         except BaseException:
             # A first run that failed before writing anything (bad data, tokenizer, ...) must
             # not leave a directory behind that looks like a run; done while the lock is held.
@@ -159,9 +160,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             raise
 
 
-def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: Path, stop: _StopSignal) -> dict:
+    run = _prepare(config, workdir)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    try:
+        state, progress = _restore_or_init(run, checkpointer)
+    except BaseException:
+        checkpointer.close()  # in-process callers (tests, notebooks) must not leak its threads
+        raise
+    start = int(state.step)
+    if start >= config.train.steps:
+        checkpointer.close()
+        return _nothing_to_train(run, start)
+
+    step_fn, eval_step = _jit_steps(run, state)
+    logger = metrics.MetricsLogger(workdir, enabled=run.lead, resume_step=start)
+    window = _MetricWindow(run, progress)
+    bar = metrics.progress_bar(config.train.steps, initial=start, enabled=run.lead)
+
+    def save(step: int, state: TrainState) -> None:
+        checkpointer.save(step, state, config_json=config_json(config),
+                          data_state={**run.train_iter.state(), **window.saved()})
+
+    last: dict[str, Any] = {"step": start}
+    step = start
+    try:
+        while step < config.train.steps and not stop.agreed():
+            state, m = step_fn(state, next(run.train_iter))
+            step += 1
+            window.add(step, jax.device_get(m))
+            if _due(step, config.train.log_every, config.train.steps):
+                last.update(_log_window(window, step, logger, bar))
+            if run.eval_set and _due(step, config.train.eval_every, config.train.steps):
+                last.update(_evaluate(run, eval_step, state.params, step, logger, window))
+            if step % config.train.save_every == 0:
+                save(step, state)
+            bar.update(1)
+        # The final step (or the step a stop signal arrived at) is always saved.
+        save(step, state)
+    finally:
+        bar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        logger.close()
+    if run.lead:
+        metrics.plot_metrics(workdir)
+    return {**last, "step": step, "stopped_by_signal": stop.received is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What a run is made of, built from its config before anything is compiled."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    lead: bool  # process 0: the one that writes files
+    mesh: Mesh
+    model_cfg: model.ModelConfig
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    train_iter: data_lib.TrainIterator
+    eval_set: list
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
     cfg_t, cfg_d = config.train, config.data
-    lead = jax.process_index() == 0
     tokenizer = load_tokenizer(cfg_d.tokenizer)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise UserError(f"tokenizer {cfg_d.tokenizer!r} has {tokenizer.vocab_size} ids but "
@@ -174,148 +237,142 @@ def _train(config, workdir: Path, mesh_sizes: dict, stop: _StopSignal) -> dict:
     train_iter = data_lib.TrainIterator(cfg_d, tokenizer, mesh, seed=cfg_t.seed, layout=layout)
     eval_set = list(data_lib.eval_batches(cfg_d, tokenizer, mesh, n_batches=cfg_t.eval_batches,
                                           layout=layout)) if cfg_d.eval_files else []
+    return _Run(config, workdir, jax.process_index() == 0, mesh, model_cfg,
+                optim.make_optimizer(config.optim, cfg_t.steps),
+                optim.make_schedule(config.optim, cfg_t.steps), train_iter, eval_set)
 
-    tx = optim.make_optimizer(config.optim, cfg_t.steps)
-    schedule = optim.make_schedule(config.optim, cfg_t.steps)
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg_t.keep_checkpoints)
-    start = 0
-    progress: dict = {}
-    try:
-        # Checkpoints are judged before the state is built: a damaged or foreign checkpoint
-        # is reported without compiling anything.
-        latest = checkpointer.latest_valid_step()
-        if latest is not None:
-            check_compatible(checkpointer.read_json(latest)[1], config)
-        if latest:
-            # Restored straight onto the shardings: no initialised state is built and dropped.
-            state, data_state, _ = checkpointer.restore(
-                latest, abstract_state(model_cfg, tx, mesh))
-            train_iter.restore(data_state)
-            progress = data_state
-            start = int(state.step)
-            if checkpointer.skipped and lead:  # the skipped steps were each warned about
-                log.warning("resuming from checkpoint step %d", start)
-        else:
-            # A step-0 checkpoint (`convert_hf.py import`, or a run stopped before its first
-            # step) holds weights but no training: it starts this run like `init_from`, with
-            # this config's optimizer, data order and config.json, not the writer's.
-            state = init_state(model_cfg, tx, mesh, cfg_t.seed)
-            if latest == 0:  # just verified above: read it without a second checksum pass
-                state = init_from(str(workdir), model_cfg, state, tx, verified_step=0)
-            elif cfg_t.init_from:
-                state = init_from(cfg_t.init_from, model_cfg, state, tx)
-            if lead:
-                (workdir / "config.json").write_text(json.dumps(config_json(config), indent=2)
-                                                     + "\n")
-    except BaseException:
-        checkpointer.close()  # in-process callers (tests, notebooks) must not leak its threads
-        raise
-    if start >= cfg_t.steps:
-        # Nothing to train: leave without a step, a save, a TensorBoard file or a plot. Equal
-        # is a finished run started again (e.g. a requeued job), so it is not an error.
-        checkpointer.close()
-        how = f"pass --config.train.steps=N with N > {start} to train further"
-        if start > cfg_t.steps:
-            raise UserError(f"the run in {workdir} is already at step {start} > "
-                            f"train.steps={cfg_t.steps}", how)
-        if lead:
-            log.warning("the run in %s is already at step %d = train.steps; nothing to do (%s)",
-                        workdir, start, how)
-        return {"step": start, "stopped_by_signal": False}
 
+def _restore_or_init(run: _Run, checkpointer: ckpt_lib.Checkpointer) -> tuple[TrainState, dict]:
+    """The state and saved progress (data position, metric window) of the newest valid
+    checkpoint, with the data iterator moved there; or a fresh state and no progress."""
+    # Checkpoints are judged before the state is built: a damaged or foreign checkpoint
+    # is reported without compiling anything.
+    latest = checkpointer.latest_valid_step()
+    if latest is not None:
+        check_compatible(checkpointer.read_json(latest)[1], run.config)
+    if latest:
+        # Restored straight onto the shardings: no initialised state is built and dropped.
+        state, progress, _ = checkpointer.restore(
+            latest, abstract_state(run.model_cfg, run.tx, run.mesh))
+        run.train_iter.restore(progress)
+        if checkpointer.skipped and run.lead:  # the skipped steps were each warned about
+            log.warning("resuming from checkpoint step %d", int(state.step))
+        return state, progress
+    # A step-0 checkpoint (`convert_hf.py import`, or a run stopped before its first step)
+    # holds weights but no training: it starts this run like `init_from`, with this config's
+    # optimizer, data order and config.json, not the writer's.
+    cfg_t = run.config.train
+    state = init_state(run.model_cfg, run.tx, run.mesh, cfg_t.seed)
+    if latest == 0:  # just verified above: read it without a second checksum pass
+        state = init_from(str(run.workdir), run.model_cfg, state, run.tx, verified_step=0)
+    elif cfg_t.init_from:
+        state = init_from(cfg_t.init_from, run.model_cfg, state, run.tx)
+    if run.lead:
+        (run.workdir / "config.json").write_text(json.dumps(config_json(run.config), indent=2)
+                                                 + "\n")
+    return state, {}
+
+
+def _nothing_to_train(run: _Run, start: int) -> dict:
+    """Leave without a step, a save, a TensorBoard file or a plot. A run at train.steps is a
+    finished run started again (e.g. a requeued job), so it is not an error."""
+    steps = run.config.train.steps
+    how = f"pass --config.train.steps=N with N > {start} to train further"
+    if start > steps:
+        raise UserError(f"the run in {run.workdir} is already at step {start} > "
+                        f"train.steps={steps}", how)
+    if run.lead:
+        log.warning("the run in %s is already at step %d = train.steps; nothing to do (%s)",
+                    run.workdir, start, how)
+    return {"step": start, "stopped_by_signal": False}
+
+
+def _jit_steps(run: _Run, state: TrainState):
+    """The train step, jitted once with the state donated and its shardings kept, and the
+    eval step."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shardings = sharding.batch_sharding(mesh)
     step_fn = jax.jit(
-        make_train_step(model_cfg, tx, mesh, grad_accum_steps=config.optim.grad_accum_steps,
-                        skip_nonfinite=cfg_t.skip_nonfinite),
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-    eval_step = evaluate.make_eval_step(model_cfg, mesh)
-
-    logger = metrics.MetricsLogger(workdir, enabled=lead, resume_step=start)
-    peak = cfg_t.peak_flops or metrics.measure_peak_flops()
-    tokens_per_step = cfg_d.global_batch_size * cfg_d.seq_len
-    flops_per_token = metrics.flops_per_token(config.model, cfg_d.seq_len)
-
-    # The steps since the last log row travel with the checkpoint: a run resumed between two
-    # rows logs the same rows as one that never stopped.
-    window: list[dict] = progress.get("log_window", [])
-    skipped = int(progress.get("skipped_steps", 0))
-
-    def save(step: int) -> None:
-        checkpointer.save(step, state, config_json=config_json(config),
-                          data_state={**train_iter.state(), "log_window": window,
-                                      "skipped_steps": skipped})
-
-    # Test-only fault injection (tests/test_reliability.py), read here and nowhere else: a NaN
-    # loss mask at this step gives the real step function a non-finite loss and gradients.
-    nan_at_step = int(os.environ.get("RINGFORMER_TEST_NAN_AT_STEP") or 0)
-    last: dict[str, Any] = {"step": start}
-    bar = metrics.progress_bar(cfg_t.steps, initial=start, enabled=lead)
-    # Throughput counts the steps this process ran since the last row (a resumed window's
-    # earlier steps ran in another process), over their time.
-    t_window, timed = time.perf_counter(), 0
-    step = start
-    try:
-        while step < cfg_t.steps:
-            if stop.agreed():
-                break
-            batch = next(train_iter)
-            if step + 1 == nan_at_step:
-                batch = {**batch, "loss_mask": batch["loss_mask"] * jnp.nan}
-            state, m = step_fn(state, batch)
-            m = jax.device_get(m)
-            step += 1
-            timed += 1
-            if not m["finite"]:
-                if not cfg_t.skip_nonfinite:
-                    raise UserError(f"non-finite loss or gradient norm at step {step} "
-                                    f"(loss={m['loss']}, grad_norm={m['grad_norm']})",
-                                    "lower optim.lr or check the data; the last good checkpoint "
-                                    "is kept, or set train.skip_nonfinite=True to skip such steps")
-                skipped += 1
-            else:
-                window.append({"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])})
-            if step % cfg_t.log_every == 0 or step == cfg_t.steps:
-                elapsed = time.perf_counter() - t_window
-                n_steps = max(len(window), 1)
-                tps = tokens_per_step * timed / max(elapsed, 1e-9)
-                # A window of skipped steps only has no loss: NaN, which metrics.jsonl writes
-                # as null (None itself is not a number the logger accepts).
-                row = {"loss": float(sum(w["loss"] for w in window) / n_steps) if window
-                       else float("nan"),
-                       "lr": float(schedule(step - 1)),
-                       "grad_norm": float(sum(w["grad_norm"] for w in window) / n_steps)
-                       if window else float("nan"),
-                       "tokens_per_sec": tps,
-                       "mfu": metrics.mfu(tps, flops_per_token, jax.device_count(), peak)}
-                if cfg_t.skip_nonfinite:
-                    row["skipped_steps"] = skipped
-                row = logger.log(step, row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}" if window else "nan",
-                                tok_s=f"{tps:,.0f}")
-                last.update(row)
-                window, t_window, timed = [], time.perf_counter(), 0
-            if eval_set and (step % cfg_t.eval_every == 0 or step == cfg_t.steps):
-                t_eval = time.perf_counter()
-                ev = evaluate.eval_loss(eval_step, state.params, eval_set)
-                row = logger.log(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
-                last.update(row)
-                t_window += time.perf_counter() - t_eval  # evaluating is not training throughput
-            if step % cfg_t.save_every == 0:
-                save(step)
-            bar.update(1)
-        # The final step (or the step a stop signal arrived at) is always saved.
-        save(step)
-    finally:
-        bar.close()
-        checkpointer.wait()
-        checkpointer.close()
-        logger.close()
-    if lead:
-        metrics.plot_metrics(workdir)
-    last["step"] = step
-    last["stopped_by_signal"] = stop.received is not None
-    return last
+        make_train_step(run.model_cfg, run.tx, run.mesh,
+                        grad_accum_steps=run.config.optim.grad_accum_steps,
+                        skip_nonfinite=run.config.train.skip_nonfinite),
+        in_shardings=(state_shardings, sharding.batch_sharding(run.mesh)),
+        out_shardings=(state_shardings, sharding.replicated(run.mesh)), donate_argnums=0)
+    return step_fn, evaluate.make_eval_step(run.model_cfg, run.mesh)
 
 
+def _due(step: int, every: int, last_step: int) -> bool:
+    """Logging and evaluation happen every `every` steps and at the last one."""
+    return step % every == 0 or step == last_step
+
+
+class _MetricWindow:
+    """The steps since the last log row, averaged into the next row.
+
+    The window travels with the checkpoint (`saved()`): a run resumed between two rows logs
+    the same rows as one that never stopped. Throughput counts the steps this process ran
+    since the last row (a resumed window's earlier steps ran in another process), over their
+    time less the time spent evaluating.
+    """
+
+    def __init__(self, run: _Run, progress: dict):
+        cfg = run.config
+        self.steps: list[dict] = progress.get("log_window", [])
+        self.skipped = int(progress.get("skipped_steps", 0))
+        self._count_skipped = cfg.train.skip_nonfinite
+        self._schedule = run.schedule
+        self._tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+        self._flops_per_token = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
+        self._peak = cfg.train.peak_flops or metrics.measure_peak_flops()
+        self._t0, self._timed = time.perf_counter(), 0
+
+    def add(self, step: int, m: dict) -> None:
+        """Count step `step`'s metrics; a non-finite step stops the run unless it is skipped."""
+        self._timed += 1
+        if m["finite"]:
+            self.steps.append({"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])})
+            return
+        if not self._count_skipped:
+            raise UserError(f"non-finite loss or gradient norm at step {step} "
+                            f"(loss={m['loss']}, grad_norm={m['grad_norm']})",
+                            "lower optim.lr or check the data; the last good checkpoint "
+                            "is kept, or set train.skip_nonfinite=True to skip such steps")
+        self.skipped += 1
+
+    def exclude(self, seconds: float) -> None:
+        self._t0 += seconds
+
+    def row(self, step: int) -> dict:
+        """The row of the window that ends at `step`; the next window starts empty."""
+        tps = self._tokens_per_step * self._timed / max(time.perf_counter() - self._t0, 1e-9)
+        n = max(len(self.steps), 1)
+        # A window of skipped steps only has no loss: NaN, which metrics.jsonl writes as null
+        # (None itself is not a number the logger accepts).
+        mean = lambda k: float(sum(w[k] for w in self.steps) / n) if self.steps else float("nan")
+        row = {"loss": mean("loss"), "lr": float(self._schedule(step - 1)),
+               "grad_norm": mean("grad_norm"), "tokens_per_sec": tps,
+               "mfu": metrics.mfu(tps, self._flops_per_token, jax.device_count(), self._peak)}
+        if self._count_skipped:
+            row["skipped_steps"] = self.skipped
+        self.steps, self._t0, self._timed = [], time.perf_counter(), 0
+        return row
+
+    def saved(self) -> dict:
+        """What a checkpoint keeps of the window, beside the data position."""
+        return {"log_window": self.steps, "skipped_steps": self.skipped}
+
+
+def _log_window(window: _MetricWindow, step: int, logger: metrics.MetricsLogger, bar) -> dict:
+    had_steps = bool(window.steps)
+    row = logger.log(step, window.row(step))
+    bar.set_postfix(loss=f"{row['loss']:.4f}" if had_steps else "nan",
+                    tok_s=f"{row['tokens_per_sec']:,.0f}")
+    return row
+
+
+def _evaluate(run: _Run, eval_step, params, step: int, logger: metrics.MetricsLogger,
+              window: _MetricWindow) -> dict:
+    t_eval = time.perf_counter()
+    ev = evaluate.eval_loss(eval_step, params, run.eval_set)
+    row = logger.log(step, {"eval_loss": ev["loss"], "eval_ppl": ev["ppl"]})
+    window.exclude(time.perf_counter() - t_eval)  # evaluating is not training throughput
+    return row
