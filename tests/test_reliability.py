@@ -58,10 +58,12 @@ def snapshot(*roots: Path) -> dict[str, str]:
     return out
 
 
-def train(workdir, *args, data, check=False, env=None) -> subprocess.CompletedProcess:
+def train(workdir, *args, data, check=False, env=None,
+          script: tuple[str, ...] = (TRAIN,)) -> subprocess.CompletedProcess:
     """scripts/train.py on the smoke config. `data` is always given: the config's default
-    corpus is git-ignored, and a resume on other data than the run's would not be exact."""
-    cmd = [sys.executable, TRAIN, "--config", SMOKE, "--workdir", str(workdir), NO_EVAL,
+    corpus is git-ignored, and a resume on other data than the run's would not be exact.
+    `script`: what python runs instead of scripts/train.py (a fault-injecting runner)."""
+    cmd = [sys.executable, *script, "--config", SMOKE, "--workdir", str(workdir), NO_EVAL,
            f"--config.data.train_files={data}"]
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, **(env or {})})
@@ -465,14 +467,46 @@ def test_lock_is_released_on_error_paths_in_process(home, trained, tmp_path):
 # ----------------------------------------------------------------------------- numerical faults
 
 
+# scripts/train.py with one fault: the batch of step N (argv[1]) gets a NaN loss mask, so the
+# real step function sees a non-finite loss and gradients. The library has no hook for it: the
+# runner wraps the data iterator. Importing the pipeline starts jax before train.py could give
+# it devices; the XLA_FLAGS that conftest.py exports (8 devices, the smoke mesh) apply instead.
+NAN_AT_STEP_RUNNER = f"""
+import runpy
+import sys
+
+sys.path.insert(0, {str(ROOT)!r})
+import jax.numpy as jnp
+
+from ringformer.data import pipeline
+
+nan_at_step = int(sys.argv.pop(1))
+real_next = pipeline.TrainIterator.__next__
+
+
+def next_with_fault(self):
+    batch = real_next(self)
+    if self.batches == nan_at_step:  # a fresh run: the batch of step N is the N-th
+        batch = {{**batch, "loss_mask": batch["loss_mask"] * jnp.nan}}
+    return batch
+
+
+pipeline.TrainIterator.__next__ = next_with_fault
+sys.argv[0] = {TRAIN!r}
+runpy.run_path({TRAIN!r}, run_name="__main__")
+"""
+
+
 def test_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(home, trained, tmp_path):
     """The fault is injected (a NaN loss mask at step 4, through the real step function) so
     the run is the `trained` one, compiled program included, up to the fault."""
     from ringformer.train.state import restore_run
 
     workdir = tmp_path / "run"
+    runner = tmp_path / "train_with_nan_at_step.py"
+    runner.write_text(NAN_AT_STEP_RUNNER)
     proc = train(workdir, "--config.train.save_every=1", data=GOOD.format(home=home),
-                 env={"RINGFORMER_TEST_NAN_AT_STEP": "4"})
+                 script=(str(runner), "4"))
     assert_user_error(proc, "non-finite loss or gradient norm at step 4 (loss=nan",
                       "the last good checkpoint is kept", "train.skip_nonfinite=True")
     # Steps 1-3 are the trained run's, each was saved; nothing at or after step 4 was.
