@@ -1,22 +1,18 @@
-"""Checkpoints of the train state in `DIR/checkpoints/`: orbax underneath, integrity on top.
+"""Checkpoints of a run in `DIR/checkpoints/`: orbax underneath, integrity on top.
 
-A checkpoint at step N is the orbax step directory `DIR/checkpoints/N/` with three items:
-`state` (any pytree of jax arrays; the trainer's params, opt_state, step, rng), `data` (the
-data iterator's JSON state) and `config` (the run's config as JSON). Arrays restore straight
-onto the shardings of the `abstract_state` the caller passes, so a checkpoint written on one
-mesh restores onto another.
-
-How a cut-short write looks, and how we tell (verified on orbax-checkpoint 0.12.8, local
-filesystem): orbax writes into `N.orbax-checkpoint-tmp/` and, once every file is written,
-adds `commit_success.txt` and renames the directory to `N/`. A process killed before the
-rename leaves only the tmp directory, which orbax never lists as a step (and which a later
-save of step N replaces). The rename is atomic, so `N/` appearing means orbax finished.
-That alone does not catch files damaged afterwards (disk errors, a partial copy or rsync
-of the workdir, a truncated file), so once orbax has finished, `Checkpointer` writes
-`N/COMMITTED`: a JSON table of every file in `N/` with its size and CRC-32. A step counts as
-valid only when COMMITTED exists and every file listed has its size and checksum. A kill
-between orbax's rename and COMMITTED leaves a complete orbax directory without the marker:
-it is treated as not committed (conservatively; the previous checkpoint is used).
+A checkpoint at step N is the orbax step directory `DIR/checkpoints/N/`, with three items:
+- `state`: the train state pytree the caller passes; the trainer's `TrainState` is `step`
+  (int32), `params` and `opt_state` (optax's moments and counts). No RNG state: the step
+  function draws none, and the data order comes from the seed and the position below.
+- `data`: JSON, the trainer's progress: the data iterator's position (`seed`, `batches`, and
+  `epoch`/`position` for people reading it), the metric window (`log_window`: loss and grad
+  norm of each step since the last log row) and `skipped_steps` (non-finite steps skipped).
+- `config`: JSON, the run's whole config (what `restore_run` rebuilds the model from).
+Once orbax has finished, `N/COMMITTED` adds a table of every file's size and CRC-32
+(checkpoint_integrity.py); a step without it, or whose files differ from it, is not valid.
+Arrays restore straight onto the shardings of the `abstract_state` the caller passes, so a
+checkpoint written on one mesh restores onto another; a tree of another model or optimizer
+config is refused leaf by leaf first (checkpoint_tree.py).
 
 Restoring never changes anything on disk. `latest_valid_step()` and `restore(None, ...)`
 walk from the newest step down, warn about each step they skip and why, and raise
@@ -32,13 +28,11 @@ writes markers, moves or deletes directories. The filesystem must be shared.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -46,50 +40,15 @@ import jax
 import orbax.checkpoint as ocp
 
 from ringformer.errors import CheckpointError
-from ringformer.train import orbax_failures
+from ringformer.train import checkpoint_integrity as integrity
+from ringformer.train import checkpoint_tree, orbax_failures
+from ringformer.train.checkpoint_integrity import MARKER
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-MARKER = "COMMITTED"
 MOVED_ASIDE = "moved_aside"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's AtomicRenameTemporaryPath naming
-_CHUNK = 1 << 24
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def _file_table(step_dir: Path) -> dict[str, list[int]]:
-    table = {}
-    for root, dirs, files in os.walk(step_dir):
-        dirs.sort()
-        for name in sorted(files):
-            p = Path(root) / name
-            rel = p.relative_to(step_dir).as_posix()
-            if rel in (MARKER, MARKER + ".tmp"):
-                continue
-            table[rel] = [p.stat().st_size, _crc32(p)]
-    return table
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def _sync(name: str) -> None:
@@ -112,27 +71,6 @@ def _agree(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
-
-
-def _leaf_name(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
-
-
-def _stored_signature(x) -> tuple[tuple[int, ...], str]:
-    """(shape, dtype) as orbax stores a leaf: typed PRNG keys are stored as their key data."""
-    shape, dtype = tuple(x.shape), x.dtype
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
-        shape, dtype = tuple(data.shape), data.dtype
-    return shape, str(jax.numpy.dtype(dtype))
 
 
 class Checkpointer:
@@ -203,29 +141,9 @@ class Checkpointer:
         if step in self._verdicts:
             return self._verdicts[step]
         step_dir = self.directory / str(step)
-        reason = self._check_uncached(step_dir)
+        reason = integrity.why_invalid(step_dir, verify_checksums=self.verify_checksums)
         self._verdicts[step] = reason
         return reason
-
-    def _check_uncached(self, step_dir: Path) -> str | None:
-        marker = step_dir / MARKER
-        if not marker.is_file():
-            return "it has no COMMITTED marker, so its write never finished (killed mid-save?)"
-        try:
-            files = json.loads(marker.read_text())["files"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return "its COMMITTED marker is unreadable"
-        for rel, (size, _) in files.items():
-            p = step_dir / rel
-            if not p.is_file():
-                return f"file {rel} is missing"
-            if p.stat().st_size != size:
-                return f"file {rel} has {p.stat().st_size} bytes where {size} were written (truncated?)"
-        if self.verify_checksums:
-            for rel, (_, crc) in files.items():
-                if _crc32(step_dir / rel) != crc:
-                    return f"file {rel} does not match its checksum (damaged)"
-        return None
 
     def _skip(self, step: int, reason: str) -> None:
         self.skipped[step] = reason
@@ -355,7 +273,7 @@ class Checkpointer:
         if not step_dir.is_dir():
             raise CheckpointError(f"orbax did not produce {step_dir}",
                                   "check free disk space and permissions")
-        _write_json_atomic(step_dir / MARKER, {"format": 1, "step": step, "files": _file_table(step_dir)})
+        integrity.write_marker(step_dir, step)
         self._verdicts[step] = None
         if replaced is not None and ".replaced." in replaced.name:
             shutil.rmtree(replaced)
@@ -468,7 +386,7 @@ class Checkpointer:
                     reason = e.what
                 else:
                     # A mismatch is not damage: older steps come from the same config, so stop.
-                    self._check_compatible(s, saved, abstract_state)
+                    checkpoint_tree.check_fits(self.directory, s, saved, abstract_state)
                     try:
                         return self._read(s, abstract_state)
                     except CheckpointError as e:
@@ -493,7 +411,8 @@ class Checkpointer:
         return dict(out["data"] or {}), dict(out["config"] or {})
 
     def _restore_one(self, step: int, abstract_state: Any):
-        self._check_compatible(step, self._saved_signature(step), abstract_state)
+        checkpoint_tree.check_fits(self.directory, step, self._saved_signature(step),
+                                   abstract_state)
         return self._read(step, abstract_state)
 
     def _read(self, step: int, abstract_state: Any):
@@ -509,7 +428,7 @@ class Checkpointer:
                                   "restore another step") from e
         return out["state"], dict(out["data"] or {}), dict(out["config"] or {})
 
-    def _saved_signature(self, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    def _saved_signature(self, step: int) -> checkpoint_tree.Signature:
         """{leaf name: (shape, dtype)} of the stored state, from orbax's metadata."""
         try:
             meta = self._manager.item_metadata(step)["state"]
@@ -520,31 +439,4 @@ class Checkpointer:
         if tree is None:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} has no state metadata",
                                   "restore another step")
-        return {_leaf_name(p): (tuple(x.shape), str(x.dtype))
-                for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
-
-    def _check_compatible(self, step: int, saved: dict, abstract_state: Any) -> None:
-        wanted = {_leaf_name(p): _stored_signature(x)
-                  for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-
-        def order(names):  # parameters first: they are what a model config changes
-            return sorted(names, key=lambda n: (not n.startswith("params"), n))
-
-        problems = [f"{n} is not in the checkpoint" for n in order(wanted.keys() - saved.keys())]
-        problems += [f"{n} is in the checkpoint but not in this run"
-                     for n in order(saved.keys() - wanted.keys())]
-        for n in order(wanted.keys() & saved.keys()):
-            (s_shape, s_dtype), (w_shape, w_dtype) = saved[n], wanted[n]
-            if s_shape != w_shape:
-                problems.append(f"{n} has shape {s_shape} in the checkpoint but {w_shape} in this run")
-            elif s_dtype != w_dtype:
-                problems.append(f"{n} is {s_dtype} in the checkpoint but {w_dtype} in this run")
-        if problems:
-            more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
-            # Only optimizer leaves differ: the model matches, optim.* (e.g. clip_norm) changed.
-            what, fix = ("optimizer", "resume with the run's optim settings") if all(
-                p.startswith("opt_state") for p in problems) else ("model", "run with the config "
-                                                                   "the checkpoint was written with")
-            raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} was written by a different {what} config:"
-                f" {'; '.join(problems[:3])}{more}", f"{fix}, or use a fresh --workdir")
+        return checkpoint_tree.saved_signature(tree)

@@ -235,7 +235,7 @@ def test_incompatible_shapes_raise_naming_the_leaf(tmp_path):
 
 
 def test_failed_background_commit_is_reported_and_leaves_step_invalid(tmp_path, monkeypatch):
-    import ringformer.train.checkpoint as module
+    from ringformer.train import checkpoint_integrity
 
     state = make_state(mesh())
     with Checkpointer(tmp_path, keep=3) as ck:
@@ -245,7 +245,7 @@ def test_failed_background_commit_is_reported_and_leaves_step_invalid(tmp_path, 
         def broken(step_dir):
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(module, "_file_table", broken)
+        monkeypatch.setattr(checkpoint_integrity, "file_table", broken)
         save(ck, 2, state)
         with pytest.raises(CheckpointError, match="No space left"):
             ck.wait()
