@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import write_corpus
+from _corpus import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.py")  # 6 steps, checkpoints at 2, 4, 6, eval at 3, 6

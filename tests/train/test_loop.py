@@ -12,23 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _corpus import write_corpus
 
 from ringformer.config import validate
 from ringformer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "configs" / "smoke.py")
-
-
-def write_corpus(path: Path, n_docs: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    words = ["ring", "attention", "block", "device", "token", "the", "a", "of", "key", "value",
-             "query", "softmax", "sum", "max", "scan", "shard", "mesh", "layer", "norm", "rope"]
-    with open(path, "w") as f:
-        for _ in range(n_docs):
-            n = int(rng.integers(20, 200))
-            f.write(json.dumps({"text": " ".join(rng.choice(words, n))}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
