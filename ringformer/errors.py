@@ -21,7 +21,15 @@ class ConfigError(UserError, ValueError):
 
 
 class DataError(UserError):
-    """Training or evaluation data that cannot be read."""
+    """Training or evaluation data that cannot be read.
+
+    `setting` names the config key the fix is about (e.g. "data.text_field"), so a tool that
+    takes the same value by a flag can word its own fix instead of editing this one's text.
+    """
+
+    def __init__(self, what: str, fix: str = "", *, setting: str = ""):
+        super().__init__(what, fix)
+        self.setting = setting
 
 
 class CheckpointError(UserError):

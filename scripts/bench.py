@@ -73,12 +73,13 @@ def main() -> None:
         # kernel alone.
         ensure_cpu_devices(a.sp if a.bench == "attention" else max(8, a.sp))
 
+    from ringformer.tools import bench_gpu, bench_step
     from ringformer.tools import benchmark as b
 
     kw = {"seq": a.seq} if a.seq else {}
     if a.bench == "memory":
-        out = b.memory(budget_gib=a.budget_gib or (None if a.target else 2.0),
-                       shape=a.shape or ("1b" if a.target else "small"), target=a.target)
+        out = bench_step.memory(budget_gib=a.budget_gib or (None if a.target else 2.0),
+                                shape=a.shape or ("1b" if a.target else "small"), target=a.target)
     elif a.bench == "attention":
         out = b.attention_speed(sp=a.sp, chunk=a.chunk, repeats=a.repeats, **kw)
     elif a.bench == "balance":
@@ -86,13 +87,13 @@ def main() -> None:
     elif a.bench == "layout":
         out = b.layout_speed(sp=a.sp, chunk=a.chunk or 512, repeats=a.repeats, **kw)
     elif a.bench == "step":
-        out = b.step_speed(shape=a.shape or "tiny", sp=a.sp, repeats=a.repeats, **kw)
+        out = bench_step.step_speed(shape=a.shape or "tiny", sp=a.sp, repeats=a.repeats, **kw)
     elif a.bench == "hlo":
         out = b.ring_hlo_report(sp=a.sp, target=a.target, **kw)
     elif a.target:
-        out = b.gpu_compile(target=a.target, sp=sp_given or 1, **kw)
+        out = bench_gpu.gpu_compile(target=a.target, sp=sp_given or 1, **kw)
     else:
-        out = b.gpu_mfu(repeats=a.repeats, **kw)
+        out = bench_gpu.gpu_mfu(repeats=a.repeats, **kw)
     out["machine"] = b.machine()
     out["command"] = "python scripts/bench.py " + " ".join(sys.argv[1:])
     if not a.json:

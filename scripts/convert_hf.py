@@ -19,7 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ringformer.errors import ConfigError
-from ringformer.launch.flags import parse_flags, run_main
+from ringformer.launch.flags import exit_if_help, parse_flags, run_main
 
 config_flags.DEFINE_config_file("config", None, "Run config for import (default: defaults).")
 flags.DEFINE_string("workdir", None, "ringformer workdir (checkpoints/ inside).")
@@ -30,6 +30,7 @@ USAGE = "use: convert_hf.py import HF_DIR --workdir DIR | export --workdir DIR -
 
 
 def main() -> None:
+    exit_if_help(sys.argv)  # before the command is read: `convert_hf.py --help` has none
     argv = list(sys.argv)
     command = argv.pop(1) if len(argv) > 1 and not argv[1].startswith("-") else None
     if command not in ("import", "export"):

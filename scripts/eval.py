@@ -1,4 +1,4 @@
-"""Perplexity of long documents, loss by position in the window, and passkey retrieval.
+r"""Perplexity of long documents, loss by position in the window, and passkey retrieval.
 
     python scripts/eval.py --workdir runs/tiny --data data/stdlib/eval.jsonl --context 16384 \
         --out runs/tiny/eval.json [--stride 8192] [--mesh dp=1,fsdp=1,sp=8,tp=1] [--passkey]
@@ -78,7 +78,7 @@ def main() -> None:
         raise ConfigError(f"bad passkey lengths or depths: {e}", "use e.g. 1024,4096") from None
 
     from ringformer.eval.options import check_options
-    from ringformer.eval.perplexity import run
+    from ringformer.eval.tool import run
     from ringformer.launch.distributed import initialize_distributed
 
     # Before waiting for peers or loading anything; run() checks again for callers in Python.

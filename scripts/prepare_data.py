@@ -47,9 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data"))
     parser.add_argument("--limit", type=_at_least(1), default=None,
                         help="use only the first N files (default: all)")
-    parser.add_argument("--eval-fraction", type=float, default=0.05)
-    parser.add_argument("--passkey-lengths", default="1024,4096,16384")
-    parser.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1")
+    # Underscores as in every other script; the dashed spellings of earlier versions still work.
+    parser.add_argument("--eval_fraction", "--eval-fraction", type=float, default=0.05,
+                        help="share of the files held out for evaluation (default 0.05)")
+    parser.add_argument("--passkey_lengths", "--passkey-lengths", default="1024,4096,16384",
+                        help="passkey prompt lengths in tokens, comma-separated")
+    parser.add_argument("--passkey_depths", "--passkey-depths", default="0,0.25,0.5,0.75,1",
+                        help="key depths in [0, 1], comma-separated")
     parser.add_argument("--seed", type=_at_least(0), default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
@@ -58,19 +62,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.depths = _numbers(args.passkey_depths, float)
     if not args.lengths or not args.depths:
         # An empty passkey.jsonl would be written, and then refused by the trainer as empty.
-        raise ConfigError("--passkey-lengths and --passkey-depths need at least one value each",
-                          "e.g. --passkey-lengths 1024,4096 --passkey-depths 0,0.5,1")
+        raise ConfigError("--passkey_lengths and --passkey_depths need at least one value each",
+                          "e.g. --passkey_lengths 1024,4096 --passkey_depths 0,0.5,1")
     if not all(0 <= d <= 1 for d in args.depths) or not 0 < args.eval_fraction < 1:
-        raise DataError("passkey depths must lie in [0, 1] and --eval-fraction in (0, 1)",
-                        "e.g. --passkey-depths 0,0.5,1 --eval-fraction 0.05")
+        raise DataError("passkey depths must lie in [0, 1] and --eval_fraction in (0, 1)",
+                        "e.g. --passkey_depths 0,0.5,1 --eval_fraction 0.05")
     # Checked here, not when the passkey file is built: that comes after the whole corpus.
     least = bare_prompt_tokens()
     for n in args.lengths:
         if n < least:
-            raise ConfigError(f"--passkey-lengths {n} is shorter than the bare prompt ({least} "
+            raise ConfigError(f"--passkey_lengths {n} is shorter than the bare prompt ({least} "
                               "tokens)", f"use passkey lengths of {least} tokens or more")
         if n > MAX_LENGTH:
-            raise ConfigError(f"--passkey-lengths {n} is longer than the {MAX_LENGTH} tokens a "
+            raise ConfigError(f"--passkey_lengths {n} is longer than the {MAX_LENGTH} tokens a "
                               "passkey prompt may have", f"use lengths of at most {MAX_LENGTH}")
     return args
 

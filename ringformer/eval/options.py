@@ -1,8 +1,8 @@
 """The evaluation tool's options, checked before anything is loaded.
 
-`check_options` judges everything `evaluate.run` takes that needs no model, data or tokenizer
+`check_options` judges everything `tool.run` takes that needs no model, data or tokenizer
 (a typo costs seconds, not an evaluation that fails when it writes its results), and
-`eval_data_error` words the data readers' errors for the tool's flags.
+`eval_data_error` gives the data readers' errors a fix in terms of the tool's flags.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ringformer.data import sources
+from ringformer.data.tokenizer import Tokenizer
 from ringformer.errors import ConfigError, DataError
+from ringformer.eval import passkey as passkey_eval
 
 
 def check_options(*, context: int, out: str, stride: int | None = None,
@@ -20,8 +23,6 @@ def check_options(*, context: int, out: str, stride: int | None = None,
                   passkey_depths: Sequence[float] | None = None, passkey_trials: int = 1,
                   passkey_candidates: int = 8) -> None:
     """Raise ConfigError for the first bad option that needs no model, data or tokenizer."""
-    from ringformer.eval import passkey as passkey_eval
-
     if context < 1:
         raise ConfigError(f"--context {context} must be positive", "pass e.g. --context 4096")
     if stride is not None and not 1 <= stride <= context:
@@ -32,8 +33,8 @@ def check_options(*, context: int, out: str, stride: int | None = None,
                           "pass a multiple of dp*fsdp, or leave it out")
     _check_out(out, passkey)
     if passkey:
-        passkey_eval.check_options(passkey_lengths or [], passkey_depths or passkey_eval.DEPTHS,
-                                   passkey_trials, passkey_candidates, context)
+        check_passkey_options(passkey_lengths or [], passkey_depths or passkey_eval.DEPTHS,
+                              passkey_trials, passkey_candidates, context)
 
 
 def _check_out(out: str, passkey: bool) -> None:
@@ -62,13 +63,60 @@ def _check_out(out: str, passkey: bool) -> None:
                           "choose a writable --out")
 
 
-# Data errors name the trainer's config keys; the evaluator takes the same data by flags.
-_EVAL_FIXES = (("data.train_files / data.eval_files", "the --data paths"),
-               ("set data.text_field", "pass --text_field"))
+def check_passkey_options(lengths: Sequence[int], depths: Sequence[float], trials: int,
+                  n_candidates: int, context: int) -> None:
+    """Passkey options that cannot work, as ConfigError; needs no model, data or tokenizer, so
+    the evaluator runs it before loading anything. Empty `lengths` means the default ones.
+
+    `check_passkey_lengths` finishes the job once the tokenizer is known.
+    """
+    if trials < 1:
+        raise ConfigError(f"--passkey_trials {trials} must be at least 1",
+                          "pass the number of prompts per length and depth, e.g. 2")
+    most, digits = passkey_eval.MAX_CANDIDATES, passkey_eval.KEY_DIGITS
+    if not 2 <= n_candidates <= most:
+        # With one candidate the true key always ranks first: rank accuracy would read 1.0.
+        raise ConfigError(f"--passkey_candidates {n_candidates} must be in [2, {most}]: "
+                          f"the true key is ranked among that many distinct {digits}-digit keys",
+                          "pass e.g. --passkey_candidates 8")
+    for d in depths:
+        if not 0.0 <= d <= 1.0:
+            raise ConfigError(f"--passkey_depths {d} is outside [0, 1]",
+                              "give depths as fractions of the prompt, e.g. 0,0.5,1")
+    for n in lengths:
+        if n < 1:
+            raise ConfigError(f"--passkey_lengths {n} must be positive",
+                              f"give prompt lengths in tokens up to the context, e.g. {context}")
+        if n > context:
+            raise ConfigError(f"--passkey_lengths {n} is longer than the context {context}",
+                              f"use lengths of at most {context}, or a longer --context")
+
+
+def check_passkey_lengths(tokenizer: Tokenizer, lengths: Sequence[int], context: int) -> None:
+    """Lengths too short for a passkey prompt with this tokenizer, as ConfigError."""
+    need = passkey_eval.min_length(tokenizer)
+    fix = (f"use lengths from {need} to the context {context}" if need <= context
+           else f"use --context {need} or more for passkey retrieval")
+    if not lengths:
+        raise ConfigError(f"--context {context} is too short for a passkey prompt, which takes at "
+                          f"least {need} tokens with tokenizer {tokenizer.name}",
+                          f"use --context {need} or more, or leave out --passkey")
+    for n in lengths:
+        if n < need:
+            raise ConfigError(f"--passkey_lengths {n} is too short for a passkey prompt, which "
+                              f"takes at least {need} tokens with tokenizer {tokenizer.name}", fix)
+
+
+# The data readers word their fixes for the trainer's config keys; the tool takes the same
+# values by flags, so it gives its own fix for the settings it knows (DataError.setting).
+_FLAG_FIXES = {
+    sources.FILES_SETTING: "check the --data paths (run scripts/prepare_data.py for the default "
+                           "corpus)",
+    sources.TEXT_FIELD_SETTING: "pass --text_field with the field or column that holds the text",
+}
 
 
 def eval_data_error(e: DataError) -> DataError:
-    fix = e.fix
-    for key, flag in _EVAL_FIXES:
-        fix = fix.replace(key, flag)
-    return DataError(e.what, fix)
+    """`e` with the fix the tool's user can act on: a flag instead of a config key."""
+    fix = _FLAG_FIXES.get(e.setting)
+    return e if fix is None else DataError(e.what, fix, setting=e.setting)

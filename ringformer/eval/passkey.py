@@ -1,4 +1,4 @@
-"""Passkey retrieval scoring: prompts of several lengths x depths, an accuracy table, a heatmap.
+"""Passkey retrieval scoring: prompts of several lengths x depths, an accuracy table (plots.py draws it).
 
 Prompts come from `ringformer.data.passkey` (the data pipeline's generator). Each prompt is scored
 two ways, both from one teacher-forced forward pass per candidate key:
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -31,7 +30,6 @@ from ringformer.data.passkey import (
     random_key,
 )
 from ringformer.data.tokenizer import Tokenizer
-from ringformer.errors import ConfigError
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 KEY_DIGITS = 5  # random_key's default, which make_tasks uses
@@ -97,49 +95,6 @@ def min_length(tokenizer: Tokenizer) -> int:
     take the same number of tokens."""
     key = "1" * KEY_DIGITS
     return bare_prompt_tokens(tokenizer, key) + len(tokenizer.encode(f" {key}")) + 2
-
-
-def check_options(lengths: Sequence[int], depths: Sequence[float], trials: int,
-                  n_candidates: int, context: int) -> None:
-    """Passkey options that cannot work, as ConfigError; needs no model, data or tokenizer, so
-    the evaluator runs it before loading anything. Empty `lengths` means the default ones.
-
-    `check_lengths` finishes the job once the tokenizer is known.
-    """
-    if trials < 1:
-        raise ConfigError(f"--passkey_trials {trials} must be at least 1",
-                          "pass the number of prompts per length and depth, e.g. 2")
-    if not 2 <= n_candidates <= MAX_CANDIDATES:
-        # With one candidate the true key always ranks first: rank accuracy would read 1.0.
-        raise ConfigError(f"--passkey_candidates {n_candidates} must be in [2, {MAX_CANDIDATES}]: "
-                          f"the true key is ranked among that many distinct {KEY_DIGITS}-digit keys",
-                          "pass e.g. --passkey_candidates 8")
-    for d in depths:
-        if not 0.0 <= d <= 1.0:
-            raise ConfigError(f"--passkey_depths {d} is outside [0, 1]",
-                              "give depths as fractions of the prompt, e.g. 0,0.5,1")
-    for n in lengths:
-        if n < 1:
-            raise ConfigError(f"--passkey_lengths {n} must be positive",
-                              f"give prompt lengths in tokens up to the context, e.g. {context}")
-        if n > context:
-            raise ConfigError(f"--passkey_lengths {n} is longer than the context {context}",
-                              f"use lengths of at most {context}, or a longer --context")
-
-
-def check_lengths(tokenizer: Tokenizer, lengths: Sequence[int], context: int) -> None:
-    """Lengths too short for a passkey prompt with this tokenizer, as ConfigError."""
-    need = min_length(tokenizer)
-    fix = (f"use lengths from {need} to the context {context}" if need <= context
-           else f"use --context {need} or more for passkey retrieval")
-    if not lengths:
-        raise ConfigError(f"--context {context} is too short for a passkey prompt, which takes at "
-                          f"least {need} tokens with tokenizer {tokenizer.name}",
-                          f"use --context {need} or more, or leave out --passkey")
-    for n in lengths:
-        if n < need:
-            raise ConfigError(f"--passkey_lengths {n} is too short for a passkey prompt, which "
-                              f"takes at least {need} tokens with tokenizer {tokenizer.name}", fix)
 
 
 def default_lengths(context: int, tokenizer: Tokenizer) -> list[int]:
@@ -210,33 +165,3 @@ def run_passkey(scorer: Scorer, tokenizer: Tokenizer, lengths: Sequence[int],
                        "as greedy decoding); rank: true key has the highest total "
                        "log-likelihood among the candidates",
             "examples": results}
-
-
-def plot_passkey(table: dict, path: str | Path, title: str = "") -> Path:
-    """Needle-in-a-haystack heatmaps (depth down, length across) for both scorings."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    lengths, depths = table["lengths"], table["depths"]
-    fig = Figure(figsize=(4.5 + 2.0 * len(lengths), 3.0 + 0.3 * len(depths)), dpi=100,
-                 layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2, squeeze=False, sharey=True)[0]
-    for ax, field, name in ((axes[0], "greedy_accuracy", "greedy decoding"),
-                            (axes[1], "rank_accuracy", "rank among candidates")):
-        acc = np.asarray(table[field], dtype=float).T  # [depth, length]
-        im = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_title(f"{name}: {table[field.replace('accuracy', 'mean')]:.0%}")
-        for i in range(acc.shape[0]):
-            for j in range(acc.shape[1]):
-                ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    axes[0].set_ylabel("key depth")
-    fig.colorbar(im, ax=list(axes), shrink=0.8, label="accuracy")
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path)
-    return path

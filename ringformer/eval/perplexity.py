@@ -11,7 +11,8 @@ only the targets no earlier window scored. Every token of a document except its 
 no predecessor) is scored exactly once, and each window keeps its document's true positions.
 Windows are padded to one sequence length that the mesh and the attention chunks divide, laid
 out for ring attention on the host, scored by a jitted function that returns per-position
-NLL (full logits never exist), and unpermuted back. Passkey retrieval is in passkey_eval.py.
+NLL (full logits never exist), and unpermuted back. Passkey retrieval is in passkey.py, the
+plots in plots.py, and the command-line tool (loading, options, output files) in tool.py.
 """
 
 from __future__ import annotations
@@ -19,23 +20,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ringformer import loss as losses
-from ringformer import model, sharding
-from ringformer.errors import ConfigError, DataError, UserError
-from ringformer.eval import options as eval_options
+from ringformer import config, model, sharding
 from ringformer.ops import layouts
-from ringformer.train.state import restore_run
-from ringformer.train.workdir import require_checkpoints
-
-# A ring block shorter than this wastes the devices on communication: the default mesh puts
-# fewer devices on sp rather than give each one fewer tokens.
-MIN_TOKENS_PER_DEVICE = 8
 
 
 def make_eval_step(model_cfg: model.ModelConfig, mesh) -> Callable:
@@ -121,22 +113,17 @@ def eval_model_config(cfg: model.ModelConfig, context: int,
     attention. The length is rounded up so the layout's pieces and the attention chunks divide
     it (chunks shrink to fit a short context rather than pad it far out).
     """
-    lay = cfg.attn_layout if n_sp > 1 else "contiguous"
-    pieces = n_sp * (2 if lay == "zigzag" else 1)
+    lay = layouts.effective(cfg.attention.layout, n_sp)
+    pieces = layouts.pieces(lay, n_sp)
     piece = -(-context // pieces)
-    cq, ck = min(cfg.q_chunk, piece), min(cfg.kv_chunk, piece)
+    cq, ck = min(cfg.attention.q_chunk, piece), min(cfg.attention.kv_chunk, piece)
     unit = math.lcm(cq, ck)
     piece = -(-piece // unit) * unit
-    run = dataclasses.replace(cfg, attn_impl="ring", attn_layout=lay, q_chunk=cq, kv_chunk=ck,
+    run = dataclasses.replace(cfg.with_attention(impl="ring", layout=lay, q_chunk=cq, kv_chunk=ck),
                               remat="none")
     return run, piece * pieces
 
 
-def default_mesh(n_devices: int, context: int) -> dict[str, int]:
-    """All devices on sp when each keeps MIN_TOKENS_PER_DEVICE tokens; the rest on fsdp."""
-    sp = max(d for d in range(1, n_devices + 1)
-             if n_devices % d == 0 and (d == 1 or context // d >= MIN_TOKENS_PER_DEVICE))
-    return {"dp": 1, "fsdp": n_devices // sp, "sp": sp, "tp": 1}
 
 
 # ----------------------------------------------------------------------------- evaluator
@@ -157,10 +144,9 @@ class Evaluator:
         self.cfg, self.seq_len = eval_model_config(cfg, context, self.n_sp)
         shards = 1 if mesh is None else mesh.shape["dp"] * mesh.shape["fsdp"]
         self.batch_size = batch_size or shards
-        if self.batch_size % shards:
-            raise ValueError(f"batch size {self.batch_size} is not divisible by dp*fsdp={shards}")
+        config.check_batch(self.batch_size, shards, label="batch size")
         self.params = self._place_params(params)
-        self.perm = layouts.permutation(self.cfg.attn_layout, self.seq_len, self.n_sp)
+        self.perm = layouts.permutation(self.cfg.attention.layout, self.seq_len, self.n_sp)
         self._out = {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}
         self._nll = jax.jit(lambda p, b: token_nll(self.cfg, p, b, mesh=mesh), **self._out)
         self._answer_shapes: dict[int, tuple] = {}
@@ -204,7 +190,7 @@ class Evaluator:
         bucket = min(self.context, 1 << max(0, n_tokens - 1).bit_length())
         if bucket not in self._answer_shapes:
             cfg, seq_len = eval_model_config(self.base_cfg, bucket, self.n_sp)
-            perm = layouts.permutation(cfg.attn_layout, seq_len, self.n_sp)
+            perm = layouts.permutation(cfg.attention.layout, seq_len, self.n_sp)
             fn = jax.jit(lambda p, b: _answer_logprobs(cfg, p, b, self.mesh), **self._out)
             self._answer_shapes[bucket] = (seq_len, perm, fn)
         return self._answer_shapes[bucket]
@@ -335,153 +321,3 @@ def evaluate_documents(evaluator: Evaluator, docs: Sequence[np.ndarray], *,
             "stride": stride or context, "windows": len(windows),
             "loss_by_position": loss_by_position(sums, counts, context)}
 
-
-def plot_loss_by_position(result: dict, path: str | Path, title: str = "") -> Path:
-    """Mean NLL against tokens of context (log2 x axis), one point per bucket, as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    buckets = result["loss_by_position"]
-    # A prediction at window index i has seen i + 1 tokens: bucket [start, end) spans
-    # [start + 1, end] tokens of context; plot at its geometric middle.
-    x = [math.sqrt((b["start"] + 1) * b["end"]) for b in buckets]
-    fig = Figure(figsize=(6.4, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot(x, [b["loss"] for b in buckets], marker="o")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("tokens of context seen (position in window + 1)")
-    ax.set_ylabel("mean NLL (nats / token)")
-    ax.set_title(title or f"context {result['context']}: loss {result['loss']:.4f}, "
-                          f"ppl {result['ppl']:.3f}, {result['tokens']:,} tokens")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
-
-
-# ----------------------------------------------------------------------------- the tool
-
-
-def check_context(cfg: model.ModelConfig, context: int, allow_longer: bool = False) -> None:
-    """A context past the positions a model was built for is an error unless asked for:
-    without rope scaling the model has never seen such distances."""
-    if cfg.max_position > 0 and context > cfg.max_position and cfg.rope_scaling == "none" \
-            and not allow_longer:
-        raise ConfigError(f"--context {context} is longer than the {cfg.max_position} positions "
-                          "the model supports (max_position, no rope scaling)",
-                          f"use --context {cfg.max_position} or less, or pass "
-                          "--allow_longer_context to measure extrapolation anyway")
-
-
-def _hf_tokenizer_spec(hf_dir: str) -> str | None:
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    return hf_dir if any((Path(hf_dir) / n).is_file() for n in names) else None
-
-
-def load_model(*, mesh_sizes: dict, context: int, workdir: str | None = None,
-               step: int | None = None, hf_dir: str | None = None, dtype: str = "auto",
-               allow_longer_context: bool = False) -> tuple[model.ModelConfig, dict, str | None, str]:
-    """(model config, params, the model's own tokenizer spec or None, description).
-
-    HF models are evaluated in float32 unless `dtype` says otherwise, with the zigzag layout
-    (balanced causal work on the ring); runs keep their own dtype and layout.
-    """
-    over = {} if dtype == "auto" else {"dtype": dtype}
-    if hf_dir:
-        from ringformer.hf import mapping as hf
-
-        # Checked on config.json alone, before any weight is loaded.
-        check_context(hf.read_config(hf_dir), context, allow_longer_context)
-        cfg, params = hf.load_llama(hf_dir, **{"dtype": "float32", "attn_layout": "zigzag", **over})
-        return cfg, params, _hf_tokenizer_spec(hf_dir), f"hf {hf_dir}"
-    require_checkpoints(workdir, "point --workdir at a run that saved a checkpoint, or use --hf")
-
-    config, state = restore_run(workdir, mesh_sizes, step=step)
-    cfg = dataclasses.replace(model.ModelConfig.from_config(config), **over)
-    check_context(cfg, context, allow_longer_context)
-    return cfg, state.params, config.data.tokenizer, f"run {workdir} step {int(state.step)}"
-
-
-def run(*, data: Sequence[str] | str, context: int, out: str, workdir: str | None = None,
-        step: int | None = None, hf_dir: str | None = None, stride: int | None = None,
-        mesh_sizes: dict | None = None, tokenizer: str | None = None,
-        batch_size: int | None = None, passkey: bool = False,
-        passkey_lengths: Sequence[int] | None = None, passkey_depths: Sequence[float] | None = None,
-        passkey_trials: int = 1, passkey_candidates: int = 8, allow_longer_context: bool = False,
-        dtype: str = "auto", text_field: str = "text", progress: bool = True) -> dict:
-    """What `scripts/eval.py` does: load, score, write OUT.json and its PNGs (process 0)."""
-    import json
-
-    from ringformer.data.pipeline import document_tokens
-    from ringformer.data.sources import resolve_files
-    from ringformer.data.tokenizer import load_tokenizer
-    from ringformer.eval import passkey as passkey_eval
-    from ringformer.mesh import make_mesh
-
-    eval_options.check_options(context=context, out=out, stride=stride, batch_size=batch_size,
-                  passkey=passkey, passkey_lengths=passkey_lengths,
-                  passkey_depths=passkey_depths, passkey_trials=passkey_trials,
-                  passkey_candidates=passkey_candidates)
-    try:
-        resolve_files(data)  # paths only, before the model is loaded; reading comes later
-    except DataError as e:
-        raise eval_options.eval_data_error(e) from e
-    sizes = dict(mesh_sizes) if mesh_sizes else default_mesh(jax.device_count(), context)
-    mesh = make_mesh(sizes)
-    sizes = {a: int(mesh.shape[a]) for a in mesh.axis_names}
-    shards = sizes["dp"] * sizes["fsdp"]
-    if batch_size is not None and batch_size % shards:
-        raise ConfigError(f"--batch {batch_size} is not a positive multiple of dp*fsdp={shards}",
-                          f"use a multiple of {shards}")
-    cfg, params, own_tok, source = load_model(
-        mesh_sizes=sizes, context=context, workdir=workdir, step=step, hf_dir=hf_dir,
-        dtype=dtype, allow_longer_context=allow_longer_context)
-    if cfg.n_kv_heads % sizes["tp"] or cfg.ffn_dim % sizes["tp"]:
-        raise ConfigError(f"mesh tp={sizes['tp']} does not divide n_kv_heads={cfg.n_kv_heads} "
-                          f"and ffn_dim={cfg.ffn_dim}", "use a smaller tp in --mesh")
-    spec = tokenizer or own_tok
-    if spec is None:
-        raise ConfigError(f"{hf_dir} holds no tokenizer", "pass --tokenizer byte or a local path")
-    tok = load_tokenizer(spec)
-    if tok.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"tokenizer {spec!r} has {tok.vocab_size} ids but the model only "
-                          f"{cfg.vocab_size}", "pass the tokenizer the model was trained with")
-    tasks = None
-    if passkey:
-        lengths = list(passkey_lengths or passkey_eval.default_lengths(context, tok))
-        passkey_eval.check_lengths(tok, lengths, context)
-        depths = list(passkey_depths or passkey_eval.DEPTHS)
-        try:
-            tasks = passkey_eval.make_tasks(tok, lengths, depths, trials=passkey_trials,
-                                            n_candidates=passkey_candidates)
-        except ValueError as e:  # a subword tokenizer's key took more room than min_length's
-            raise ConfigError(f"cannot build passkey prompts: {e}",
-                              "use longer --passkey_lengths") from None
-    try:
-        docs = document_tokens(data, tok, text_field=text_field)
-    except DataError as e:
-        raise eval_options.eval_data_error(e) from e
-    out_path = Path(out)
-    try:  # before the long part, but only once the model and the data are known to be good
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the directory of --out {out}: {e}",
-                        "choose another path") from None
-    lead = jax.process_index() == 0
-    evaluator = Evaluator(cfg, params, context=context, mesh=mesh, batch_size=batch_size)
-    result = evaluate_documents(evaluator, docs, stride=stride, progress=progress and lead)
-    result.update(model=source, tokenizer=tok.name, mesh=sizes, seq_len=evaluator.seq_len,
-                  data=[str(d) for d in ([data] if isinstance(data, str) else data)])
-    if passkey:
-        result["passkey"] = passkey_eval.run_passkey(
-            evaluator.answer_scores, tok, lengths, depths, trials=passkey_trials,
-            n_candidates=passkey_candidates, tasks=tasks)
-    if lead:
-        result["plot"] = str(plot_loss_by_position(result, out_path.with_suffix(".png")))
-        if passkey:
-            png = out_path.with_name(out_path.stem + "_passkey.png")
-            result["passkey"]["plot"] = str(passkey_eval.plot_passkey(result["passkey"], png))
-        out_path.write_text(json.dumps(result, indent=2) + "\n")
-    return result

@@ -113,6 +113,42 @@ def devices_for_mesh(mesh_cfg, num_processes: int = 1) -> int:
     return per_process
 
 
+HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull")
+
+
+def exit_if_help(argv: list[str]) -> None:
+    """Print the script's usage and its flags, then exit 0, if `argv` asks for help.
+
+    absl defines --help only inside `app.run`, which the scripts do not use (`run_main` is
+    their error path), so without this `--help` was refused as an unknown flag.
+    `--helpfull` adds the flags of every library module (absl's own included).
+    """
+    asked = [a for a in argv[1:] if a in HELP_FLAGS]
+    if not asked:
+        return
+    from absl import flags
+
+    main = sys.modules.get("__main__")
+    script = os.path.relpath(argv[0]) if argv and argv[0] else "script"
+    print(f"usage: python {script} [flags]")
+    doc = ((main.__doc__ if main else None) or "").strip()
+    if doc:
+        print(f"\n{doc}")
+    if "--helpfull" in asked:
+        listing = flags.FLAGS.get_help()
+    else:
+        listing = flags.FLAGS.main_module_help()
+    print(f"\nflags:\n{listing.strip() or '  (none)'}")
+    from ml_collections.config_flags.config_flags import is_config_flag
+
+    if any(is_config_flag(flags.FLAGS[n]) for n in flags.FLAGS):
+        print("  --config.KEY=VALUE: override any key of the config file (every key and its "
+              "default is in ringformer/config.py)")
+    print("  --debug: show the traceback of an error")
+    sys.stdout.flush()
+    sys.exit(0)
+
+
 def parse_flags(argv: list[str]) -> None:
     """Parse absl flags, turning a bad flag, config file or config override into a ConfigError.
 
@@ -123,6 +159,7 @@ def parse_flags(argv: list[str]) -> None:
     each chained to the original exception so that `--debug` shows where it began.
     A loaded config is then checked as far as it can be without devices (`check_config`).
     """
+    exit_if_help(argv)
     from absl import flags
 
     # Public in the submodule, though not re-exported by the package.

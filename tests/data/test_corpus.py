@@ -58,17 +58,17 @@ def test_bad_option_is_one_line_error(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in r.stderr
-    r = _run(tmp_path / "b", "--passkey-lengths", "20")
+    r = _run(tmp_path / "b", "--passkey_lengths", "20")  # the spelling of the other scripts
     assert r.returncode == 2 and "shorter than the bare prompt" in r.stderr
 
 
 @pytest.mark.parametrize("args,message", [
     (["--passkey-lengths", "10000000000"],
-     "error: --passkey-lengths 10000000000 is longer than the 16777216 tokens"),
+     "error: --passkey_lengths 10000000000 is longer than the 16777216 tokens"),
     (["--limit", "0"], "error: argument --limit: must be at least 1, not 0"),
     (["--limit", "-1"], "error: argument --limit: must be at least 1, not -1"),
-    (["--passkey-lengths", ""], "error: --passkey-lengths and --passkey-depths need at least one"),
-    (["--passkey-depths", ""], "error: --passkey-lengths and --passkey-depths need at least one"),
+    (["--passkey_lengths", ""], "error: --passkey_lengths and --passkey_depths need at least one"),
+    (["--passkey-depths", ""], "error: --passkey_lengths and --passkey_depths need at least one"),
     (["--seed", "-1"], "error: argument --seed: must be at least 0"),
 ])
 def test_bad_option_is_refused_before_anything_is_built(tmp_path, args, message):

@@ -23,6 +23,7 @@ import pytest
 
 from ringformer import model
 from ringformer.data.tokenizer import load_tokenizer
+from ringformer.eval import options, tool
 from ringformer.eval import passkey as passkey_eval
 from ringformer.eval import perplexity as evaluate
 from ringformer.mesh import make_mesh
@@ -220,7 +221,7 @@ def test_run_on_a_training_checkpoint(tmp_path, texts, data_file):
     params = jax.device_get(state.params)
     dense = dataclasses.replace(cfg, attn_impl="dense")  # the reference skips the ring kernel
     out = tmp_path / "eval" / "r.json"
-    r = evaluate.run(data=str(data_file), context=64, out=str(out), workdir=str(tmp_path / "run"),
+    r = tool.run(data=str(data_file), context=64, out=str(out), workdir=str(tmp_path / "run"),
                      mesh_sizes={"dp": 1, "fsdp": 1, "sp": 8, "tp": 1}, progress=False)
     assert r["model"].endswith("step 0") and r["tokenizer"] == "byte"
     assert json.loads(out.read_text())["ppl"] == r["ppl"] and out.with_suffix(".png").exists()
@@ -388,14 +389,14 @@ def test_passkey_lengths_must_hold_a_prompt():
     passkey_eval.make_tasks(BYTE, [need], [0.0, 1.0], n_candidates=8)  # exact for bytes
     with pytest.raises(ValueError):
         passkey_eval.make_tasks(BYTE, [need - 1], [0.0], n_candidates=8)
-    passkey_eval.check_lengths(BYTE, [need, 512], 512)
+    options.check_passkey_lengths(BYTE, [need, 512], 512)
     with pytest.raises(ConfigError, match=f"--passkey_lengths 100 is too short .* at least {need} "
                        rf"tokens .* \(use lengths from {need} to the context 512\)"):
-        passkey_eval.check_lengths(BYTE, [100], 512)
+        options.check_passkey_lengths(BYTE, [100], 512)
     with pytest.raises(ConfigError, match=rf"\(use --context {need} or more for passkey"):
-        passkey_eval.check_lengths(BYTE, [100], 128)
+        options.check_passkey_lengths(BYTE, [100], 128)
     with pytest.raises(ConfigError, match="--context 64 is too short for a passkey prompt"):
-        passkey_eval.check_lengths(BYTE, passkey_eval.default_lengths(64, BYTE), 64)
+        options.check_passkey_lengths(BYTE, passkey_eval.default_lengths(64, BYTE), 64)
 
 
 def test_run_refuses_before_loading_anything(tmp_path, data_file):
@@ -407,16 +408,16 @@ def test_run_refuses_before_loading_anything(tmp_path, data_file):
     kw = dict(data=[str(data_file)], context=64, out=str(tmp_path / "r.json"),
               workdir=str(tmp_path / "nope"), progress=False)
     with pytest.raises(ConfigError, match="is a directory"):
-        evaluate.run(**{**kw, "out": str(tmp_path / "dir")})
+        tool.run(**{**kw, "out": str(tmp_path / "dir")})
     with pytest.raises(ConfigError, match="--passkey_trials 0"):
-        evaluate.run(**kw, passkey=True, passkey_trials=0)
+        tool.run(**kw, passkey=True, passkey_trials=0)
     with pytest.raises(DataError) as e:
-        evaluate.run(**{**kw, "data": [str(tmp_path / "none.jsonl")]})
+        tool.run(**{**kw, "data": [str(tmp_path / "none.jsonl")]})
     assert "does not exist" in e.value.what and "--data" in e.value.fix
     assert "data.train_files" not in str(e.value)
     (tmp_path / "a_file").write_text("kept")
     with pytest.raises(CheckpointError, match=r"workdir .*a_file is not a directory"):
-        evaluate.run(**{**kw, "workdir": str(tmp_path / "a_file")})
+        tool.run(**{**kw, "workdir": str(tmp_path / "a_file")})
     assert (tmp_path / "a_file").read_text() == "kept" and not (tmp_path / "r.json").exists()
 
 

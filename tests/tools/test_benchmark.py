@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ringformer.tools import benchmark
+from ringformer.tools import bench_step, benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,17 +51,17 @@ def test_attention_rows():
 
 
 def test_memory_bisection_finds_the_boundary():
-    c = benchmark.bench_model_config("tiny")
+    c = bench_step.bench_model_config("tiny")
     c.attention.impl = "blockwise"
-    small = benchmark.step_memory(c, {"sp": 1}, 512)
-    budget = benchmark.step_memory(c, {"sp": 1}, 2048)
-    found = benchmark.max_context(c, {"sp": 1}, budget=budget, lo=512, hi=1024, unit=512)
+    small = bench_step.step_memory(c, {"sp": 1}, 512)
+    budget = bench_step.step_memory(c, {"sp": 1}, 2048)
+    found = bench_step.max_context(c, {"sp": 1}, budget=budget, lo=512, hi=1024, unit=512)
     assert small < budget and found >= 2048
-    assert benchmark.step_memory(c, {"sp": 1}, found + 512) > budget
+    assert bench_step.step_memory(c, {"sp": 1}, found + 512) > budget
 
 
 def test_step_rows():
-    out = benchmark.step_speed(shape="tiny", seq=512, sp=4, repeats=1)
+    out = bench_step.step_speed(shape="tiny", seq=512, sp=4, repeats=1)
     assert [(r["impl"], r["sp"]) for r in out["rows"]] == [("blockwise", 1), ("ring", 4)]
     assert all(r["tokens_per_sec"] > 0 and r["mfu"] > 0 for r in out["rows"])
     assert "ring_overhead" in out["rows"][1]
@@ -122,6 +122,12 @@ def test_bad_targets_and_sizes_give_one_error_line(args, message):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_1b_shape_reads_the_repository_config():
+    """The GPU benchmarks' model comes from configs/llama_1b_32k.py, found from the package."""
+    c = bench_step.bench_model_config("1b")
+    assert c.model.dim == bench_step.llama_1b_config().model.dim and c.model.dtype == "bfloat16"
+
+
 def test_bad_sizes_are_refused_in_process(monkeypatch):
     """The library functions refuse what the script's argument types refuse, and sizes beyond
     the memory this machine has, before they allocate anything."""
@@ -134,18 +140,18 @@ def test_bad_sizes_are_refused_in_process(monkeypatch):
     with pytest.raises(ConfigError, match="--sp -2 must be positive"):
         benchmark.balance(seq_len=64, sp=-2)
     with pytest.raises(ConfigError, match="--budget_gib 0 must be positive"):
-        benchmark.memory(budget_gib=0, shape="tiny")
+        bench_step.memory(budget_gib=0, shape="tiny")
     with pytest.raises(ConfigError, match=r"unknown model shape 'huge' \(use --shape tiny, small, 125m, 1b"):
-        benchmark.bench_model_config("huge")
+        bench_step.bench_model_config("huge")
     # The estimate is a lower bound: the arrays themselves, plus the dense [seq, seq] matrices.
     qkv = benchmark.attention_bytes(1, 1024, 8, 2, 64, include_dense=False)
     assert qkv >= 2 * 4 * 1024 * (8 + 2 * 2) * 64
     assert benchmark.attention_bytes(1, 1024, 8, 2, 64, include_dense=True) >= qkv + 8 * 1024**2 * 4
-    monkeypatch.setattr(benchmark, "_available_memory", lambda: 2**20)
+    monkeypatch.setattr(benchmark, "available_memory", lambda: 2**20)
     with pytest.raises(ConfigError, match=r"--seq 8192 needs at least .* GiB for the attention .* "
                                           r"0.0 GiB available \(use a smaller --seq\)"):
         benchmark.attention_speed(seq=8192, sp=2)
     with pytest.raises(ConfigError, match="for the layout benchmark"):
         benchmark.layout_speed(seq=8192, sp=2, chunk=512)
     with pytest.raises(ConfigError, match="for the step benchmark"):
-        benchmark.step_speed(shape="tiny", seq=512, sp=2)
+        bench_step.step_speed(shape="tiny", seq=512, sp=2)
