@@ -34,10 +34,17 @@ PARAM_RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
 }
 ACTIVATION_RULES = {**PARAM_RULES, "embed": None}
+# Decoding (ringformer.generate): every sp device holds the same new token, so the dense
+# layers split their output features over sp as well as tp (tensor parallel), and only
+# attention runs per sequence shard of the KV cache. "embed" stays whole: one token's
+# activations are tiny, and gathering weights per step would cost more than it saves.
+DECODE_PARAM_RULES = {**ACTIVATION_RULES, "heads": ("tp", "sp"), "kv_heads": ("tp", "sp"),
+                      "mlp": ("tp", "sp"), "vocab": ("tp", "sp")}
 
 
-def logical_to_spec(names: Sequence[str | None], *, params: bool = False) -> PartitionSpec:
-    rules = PARAM_RULES if params else ACTIVATION_RULES
+def logical_to_spec(names: Sequence[str | None], *, params: bool = False,
+                    rules: dict | None = None) -> PartitionSpec:
+    rules = rules if rules is not None else (PARAM_RULES if params else ACTIVATION_RULES)
     return PartitionSpec(*(None if n is None else rules[n] for n in names))
 
 
@@ -62,20 +69,20 @@ def _fit(entry, dim: int, mesh: Mesh):
 
 
 def fitted_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                *, params: bool = True) -> PartitionSpec:
+                *, params: bool = True, rules: dict | None = None) -> PartitionSpec:
     """The rules' spec, dropping mesh axes a dimension does not divide (e.g. vocab 259 stays
-    whole; embed 96 on fsdp=2 x sp=4 splits over fsdp only)."""
-    spec = logical_to_spec(names, params=params)
+    whole; embed 96 on fsdp=2 x sp=4 splits over fsdp only). `rules` overrides the table."""
+    spec = logical_to_spec(names, params=params, rules=rules)
     return PartitionSpec(*(_fit(e, dim, mesh) for e, dim in zip(spec, shape, strict=True)))
 
 
-def param_shardings(abstract_params, logical_names, mesh: Mesh):
+def param_shardings(abstract_params, logical_names, mesh: Mesh, *, rules: dict | None = None):
     """NamedShardings for a params pytree from its shapes (`jax.eval_shape`) and logical names.
 
     `logical_names` mirrors `abstract_params` with a tuple of names per leaf.
     """
     return jax.tree.map(
-        lambda x, names: NamedSharding(mesh, fitted_spec(names, x.shape, mesh)),
+        lambda x, names: NamedSharding(mesh, fitted_spec(names, x.shape, mesh, rules=rules)),
         abstract_params, logical_names,
         is_leaf=lambda n: isinstance(n, tuple) and all(isinstance(s, str | None) for s in n))
 
