@@ -1,10 +1,14 @@
 """The evaluation tool's option checks: each bad option is refused with the right fix, before
-anything is loaded (the tool's end-to-end refusals are in tests/test_evaluate.py)."""
+anything is loaded (the tool's end-to-end refusals are in tests/eval/test_perplexity.py)."""
 
 import pytest
 
+from ringformer.data.tokenizer import load_tokenizer
 from ringformer.errors import ConfigError
 from ringformer.eval import options as eval_options
+from ringformer.eval import passkey as passkey_eval
+
+BYTE = load_tokenizer("byte")
 
 
 def _refusal(**options) -> str:
@@ -41,3 +45,18 @@ def test_options_are_checked_with_the_right_fix(tmp_path):
     # Without --passkey its options are not looked at.
     eval_options.check_options(context=512, out="r.json", passkey=False, passkey_trials=0)
     assert (tmp_path / "file").read_text() == "kept" and not (tmp_path / "new").exists()
+
+
+def test_passkey_lengths_must_hold_a_prompt():
+    need = passkey_eval.min_length(BYTE)
+    passkey_eval.make_tasks(BYTE, [need], [0.0, 1.0], n_candidates=8)  # exact for bytes
+    with pytest.raises(ValueError):
+        passkey_eval.make_tasks(BYTE, [need - 1], [0.0], n_candidates=8)
+    eval_options.check_passkey_lengths(BYTE, [need, 512], 512)
+    with pytest.raises(ConfigError, match=f"--passkey_lengths 100 is too short .* at least {need} "
+                       rf"tokens .* \(use lengths from {need} to the context 512\)"):
+        eval_options.check_passkey_lengths(BYTE, [100], 512)
+    with pytest.raises(ConfigError, match=rf"\(use --context {need} or more for passkey"):
+        eval_options.check_passkey_lengths(BYTE, [100], 128)
+    with pytest.raises(ConfigError, match="--context 64 is too short for a passkey prompt"):
+        eval_options.check_passkey_lengths(BYTE, passkey_eval.default_lengths(64, BYTE), 64)

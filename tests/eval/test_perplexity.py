@@ -9,7 +9,6 @@
 - Bad inputs end with one `error:` line and exit status 2.
 """
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -23,9 +22,9 @@ import pytest
 
 from ringformer import model
 from ringformer.data.tokenizer import load_tokenizer
-from ringformer.eval import options, tool
 from ringformer.eval import passkey as passkey_eval
 from ringformer.eval import perplexity as evaluate
+from ringformer.eval import tool
 from ringformer.mesh import make_mesh
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,8 +162,8 @@ def test_one_device_equals_ring_of_four(hf_model, texts):
     """Non-overlapping windows: sp=1 and sp=4 (zigzag) agree, and both match transformers."""
     from ringformer.hf import mapping as hf
 
-    cfg, params = hf.load_llama(hf_model[0], dtype="float32", attn_layout="zigzag",
-                                q_chunk=16, kv_chunk=16)
+    cfg, params = hf.load_llama(hf_model[0], dtype="float32",
+                                attention=model.AttentionConfig(layout="zigzag", q_chunk=16, kv_chunk=16))
     docs = [_byte_ids(t).astype(np.int32) for t in texts]
     context = 100  # not a multiple of the ring: windows get padded
     results = []
@@ -183,8 +182,8 @@ def test_one_device_equals_ring_of_four(hf_model, texts):
 def test_token_nll_sums_to_the_trainers_loss():
     """The evaluator's per-position NLL adds up to model.loss_fn on a packed batch."""
     cfg = model.ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                            ffn_dim=64, dtype="float32", q_chunk=8, kv_chunk=8, mlp_chunk=8,
-                            loss_chunk=8, attn_impl="blockwise")
+                            ffn_dim=64, dtype="float32", mlp_chunk=8, loss_chunk=8,
+                            attention=model.AttentionConfig(impl="blockwise", q_chunk=8, kv_chunk=8))
     params = model.init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     seg = np.repeat([[1] * 10 + [2] * 14 + [0] * 8], 2, 0)
@@ -219,7 +218,7 @@ def test_run_on_a_training_checkpoint(tmp_path, texts, data_file):
     ck.wait()
     ck.close()
     params = jax.device_get(state.params)
-    dense = dataclasses.replace(cfg, attn_impl="dense")  # the reference skips the ring kernel
+    dense = cfg.with_attention(impl="dense")  # the reference skips the ring kernel
     out = tmp_path / "eval" / "r.json"
     r = tool.run(data=str(data_file), context=64, out=str(out), workdir=str(tmp_path / "run"),
                      mesh_sizes={"dp": 1, "fsdp": 1, "sp": 8, "tp": 1}, progress=False)
@@ -329,7 +328,8 @@ def test_passkey_scorer_right_and_wrong():
 def test_answer_scores_match_full_logits():
     """The evaluator's teacher-forced answer log-probs (ring of 4, zigzag) match full logits."""
     cfg = model.ModelConfig(vocab_size=259, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                            ffn_dim=64, dtype="float32", init_std=0.2, attn_layout="zigzag")
+                            ffn_dim=64, dtype="float32", init_std=0.2,
+                            attention=model.AttentionConfig(layout="zigzag"))
     params = jax.device_get(model.init_params(cfg, jax.random.PRNGKey(1)))
     mesh = make_mesh({"dp": 2, "fsdp": 1, "sp": 4, "tp": 1})
     ev = evaluate.Evaluator(cfg, params, context=64, mesh=mesh)
@@ -380,23 +380,6 @@ def test_bad_inputs_fail_cleanly(hf_model, data_file, tmp_path):
         assert expect[name] in lines[0], (name, lines[0])
     assert not (tmp_path / "nope").exists() and not any(empty.iterdir())
     assert not (tmp_path / "r.json").exists()
-
-
-def test_passkey_lengths_must_hold_a_prompt():
-    from ringformer.errors import ConfigError
-
-    need = passkey_eval.min_length(BYTE)
-    passkey_eval.make_tasks(BYTE, [need], [0.0, 1.0], n_candidates=8)  # exact for bytes
-    with pytest.raises(ValueError):
-        passkey_eval.make_tasks(BYTE, [need - 1], [0.0], n_candidates=8)
-    options.check_passkey_lengths(BYTE, [need, 512], 512)
-    with pytest.raises(ConfigError, match=f"--passkey_lengths 100 is too short .* at least {need} "
-                       rf"tokens .* \(use lengths from {need} to the context 512\)"):
-        options.check_passkey_lengths(BYTE, [100], 512)
-    with pytest.raises(ConfigError, match=rf"\(use --context {need} or more for passkey"):
-        options.check_passkey_lengths(BYTE, [100], 128)
-    with pytest.raises(ConfigError, match="--context 64 is too short for a passkey prompt"):
-        options.check_passkey_lengths(BYTE, passkey_eval.default_lengths(64, BYTE), 64)
 
 
 def test_run_refuses_before_loading_anything(tmp_path, data_file):
