@@ -1,13 +1,16 @@
-"""The data path: local files -> tokens (cached) -> packed rows -> global batches.
+"""The data path: sources -> tokenized cache (memory-mapped) -> packed rows -> global batches.
 
-- `load_documents` (from `ringformer.data.sources`) reads and checks the files.
-- `tokenize_documents` runs `datasets.map(batched=True)` once and keeps the result on disk,
-  keyed by the files' sizes and mtimes, the text field, the tokenizer and the process's share,
-  so the next run loads it memory-mapped and skips both reading and tokenizing.
+- `ringformer.data.cache` tokenizes each source once into token shards plus a document index
+  and memory-maps them afterwards (keyed by the files' sizes and mtimes, the text field and
+  the tokenizer); nothing here holds a corpus in memory, only the index of this share.
+- `ringformer.data.mixture` decides which documents an epoch packs: weighted sources
+  (`data.sources`), length filters (`data.min_doc_tokens`, `data.max_doc_tokens`) and
+  repeats of long documents (`data.upsample_long`).
 - `TrainIterator` packs (ringformer.data.packing), shuffles from the seed, applies the sequence
   layout on the host and yields global `jax.Array`s with `batch_sharding(mesh)`. Its
   `state()` is a small dict the trainer stores with every checkpoint.
-- `eval_batches` is the same path without shuffling, finite, padding the last batch.
+- `eval_batches` is the same path (the cache, the packer) without shuffling or filters,
+  finite, padding the last batch.
 - `document_tokens` gives whole documents for the long-document evaluator.
 
 Document ids: `[BOS] + encode(text) + [EOS]`, BOS only when the tokenizer has one (the byte
@@ -15,131 +18,96 @@ tokenizer has none). Batch fields are [batch, seq_len]: tokens, targets, segment
 positions (int32), loss_mask (float32); see `ringformer.data.packing`.
 
 Shares: the mesh's batch axes (dp x fsdp) cut every global batch into groups of rows, one per
-distinct set of rows a device holds; each group is a *share*. Documents are dealt to shares
-round-robin and every share packs and shuffles its own documents, so the batches depend on
-the seed and dp x fsdp only, never on how many processes run them: one process with 8 devices
-sees exactly the batches of two processes with 4. A process tokenizes and packs only the
-shares its devices hold (several, when it holds several groups of rows); processes holding
-the same rows (the sequence split over hosts) produce the same share.
+distinct set of rows a device holds; each group is a *share*. Each source's documents (after
+the filters) are dealt to shares round-robin and every share packs and shuffles its own
+documents, so the batches depend on the seed and dp x fsdp only, never on how many processes
+run them: one process with 8 devices sees exactly the batches of two processes with 4. A
+process reads (through the memory map) only the documents of the shares its devices hold;
+processes holding the same rows (the sequence split over hosts) produce the same share.
+
+With one source, no filters and no repeats, the batches are those of the earlier in-memory
+pipeline bit for bit, so checkpoints written before the cache resume on the same data.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
+import bisect
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ringformer.data.packing import FIELDS, Packer, to_batch
-from ringformer.data.sources import DataWarning, datasets, load_documents, load_paths, resolve_files
+from ringformer.data import cache, mixture
+from ringformer.data.packing import FIELDS, Docs, Packer
+from ringformer.data.sources import DataWarning, load_documents
 from ringformer.data.tokenizer import Tokenizer
 from ringformer.errors import DataError
 from ringformer.ops import layouts
 from ringformer.sharding import batch_sharding
 
-# `datasets` comes through sources, which makes it offline-only before its first import.
-
 __all__ = ["FIELDS", "DataWarning", "TrainIterator", "document_tokens", "eval_batches",
-           "eval_host_batches", "load_documents", "make_train_iterator", "tokenize_documents"]
-
-CACHE_VERSION = 1
-IDS_FEATURES = datasets.Features({"ids": datasets.List(datasets.Value("int32"))})
+           "eval_host_batches", "load_documents", "tokenize_documents"]
 
 
-# --------------------------------------------------------------------------- tokenization
-
-def _cache_root(paths: Sequence[Path], cache_dir: str) -> Path:
-    root = Path(cache_dir).expanduser() if cache_dir else \
-        (paths[0] if paths[0].is_dir() else paths[0].parent) / ".cache"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if os.access(root, os.W_OK):
-            return root
-    except OSError:
-        pass
-    # Read-only data (a shared mount): cache per user instead of failing.
-    fallback = Path.home() / ".cache" / "ringformer"
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
-
-
-def _cache_key(paths: Sequence[Path], text_field: str, tok: Tokenizer, share: int,
-               n_shares: int) -> str:
-    h = hashlib.sha256()
-    stats = []
-    for p in paths:
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        stats.append([str(p.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
-                                           for f in files])
-    h.update(json.dumps([CACHE_VERSION, stats, text_field, tok.name, tok.fingerprint,
-                         tok.bos_id, share, n_shares]).encode())
-    return h.hexdigest()[:20]
-
+# --------------------------------------------------------------------------- documents
 
 def tokenize_documents(files: str | Sequence[str], tokenizer: Tokenizer, *,
-                       text_field: str = "text", cache_dir: str = "", share: int = 0,
-                       n_shares: int = 1) -> datasets.Dataset:
-    """Token ids (column `ids`, BOS included when the tokenizer has one, no EOS) of the
-    documents `share, share + n_shares, ...` of `files`; cached on disk after the first call."""
-    paths = resolve_files(files)
-    entry = _cache_root(paths, cache_dir) / \
-        f"tokens-{_cache_key(paths, text_field, tokenizer, share, n_shares)}"
-    if (entry / "state.json").is_file():
-        return datasets.load_from_disk(str(entry))
-
-    docs = load_paths(paths, text_field=text_field)
-    if n_shares > 1:
-        if len(docs) < n_shares:
-            raise DataError(f"{len(docs)} documents cannot be dealt to {n_shares} batch shards "
-                            "(mesh dp*fsdp)", "add documents or use a smaller dp*fsdp")
-        docs = docs.shard(num_shards=n_shares, index=share, contiguous=False)
-    bos = tokenizer.bos_id
-
-    def encode(batch: dict) -> dict:
-        ids = tokenizer.encode_arrays(batch["text"])
-        if bos is not None:
-            ids = [np.concatenate([np.array([bos], np.int32), a]) for a in ids]
-        return {"ids": ids}
-
-    tokens = docs.map(encode, batched=True, batch_size=256, remove_columns=["text"],
-                      features=IDS_FEATURES, desc="tokenizing", new_fingerprint=entry.name)
-    # Write under a private name, then rename: a crash never leaves a half cache behind.
-    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
-    tokens.save_to_disk(str(tmp))
-    try:
-        os.replace(tmp, entry)
-    except OSError:  # another process finished the same entry first; theirs is as good
-        shutil.rmtree(tmp, ignore_errors=True)
-    return datasets.load_from_disk(str(entry))
-
-
-def _flat_ids(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(values, offsets) of the `ids` column without a Python list per document."""
-    col = ds.with_format(None).data.table.column("ids")
-    values, offsets, base = [], [np.zeros(1, np.int64)], 0
-    for chunk in col.chunks:
-        off = np.asarray(chunk.offsets, dtype=np.int64)
-        values.append(np.asarray(chunk.flatten(), dtype=np.int32))
-        offsets.append(off[1:] - off[0] + base)
-        base += int(off[-1] - off[0])
-    vals = np.concatenate(values) if values else np.zeros(0, np.int32)
-    return vals, np.concatenate(offsets)
+                       text_field: str = "text", cache_dir: str = "") -> cache.Entry:
+    """The tokenized cache entry of `files` (built on the first call, mapped afterwards)."""
+    return cache.open_source(files, tokenizer, text_field=text_field, cache_dir=cache_dir)
 
 
 def document_tokens(files: str | Sequence[str], tokenizer: Tokenizer,
                     text_field: str = "text", *, cache_dir: str = "") -> list[np.ndarray]:
     """One int32 array per document, in file order: `[BOS] + ids + [EOS]` (BOS if any)."""
-    values, offsets = _flat_ids(tokenize_documents(files, tokenizer, text_field=text_field,
-                                                   cache_dir=cache_dir))
-    eos = np.array([tokenizer.eos_id], np.int32)
-    return [np.concatenate([values[offsets[i]:offsets[i + 1]], eos])
-            for i in range(len(offsets) - 1)]
+    entry = tokenize_documents(files, tokenizer, text_field=text_field, cache_dir=cache_dir)
+    return list(cache.iter_documents(entry, tokenizer.eos_id))
+
+
+def _filtered(entry: cache.Entry, spec: mixture.SourceSpec, lo: int, hi: int) -> np.ndarray:
+    kept = mixture.length_filter(entry.length, lo, hi)
+    if not len(kept):
+        shortest, longest = (int(entry.length.min()) + 1, int(entry.length.max()) + 1) \
+            if len(entry) else (0, 0)
+        raise DataError(f"data.min_doc_tokens={lo} / data.max_doc_tokens={hi} leave no documents "
+                        f"of {spec.files} ({len(entry)} documents of {shortest} to {longest} "
+                        "tokens)", "lower data.min_doc_tokens or raise data.max_doc_tokens "
+                        "(0: no limit)")
+    return kept
+
+
+def open_sources(config_data, tokenizer: Tokenizer, specs: list[mixture.SourceSpec], *,
+                 filters: bool) -> list[tuple[mixture.SourceSpec, cache.Entry, np.ndarray]]:
+    """(spec, cache entry, indices of the documents kept by the length filters) per source."""
+    lo = int(config_data.get("min_doc_tokens", 0) or 0) if filters else 0
+    hi = int(config_data.get("max_doc_tokens", 0) or 0) if filters else 0
+    out = []
+    for spec in specs:
+        entry = cache.open_source(spec.files, tokenizer,
+                                  text_field=config_data.get("text_field", "text"),
+                                  cache_dir=config_data.get("cache_dir", "") or "")
+        out.append((spec, entry, _filtered(entry, spec, lo, hi)))
+    return out
+
+
+def share_docs(opened, share: int, n_shares: int) -> tuple[Docs, np.ndarray]:
+    """This share's documents of every source (dealt round-robin) and the source of each."""
+    shards, parts, source = [], [], []
+    for s, (spec, entry, kept) in enumerate(opened):
+        if len(kept) < n_shares:
+            raise DataError(f"{len(kept)} documents of {spec.files} cannot be dealt to "
+                            f"{n_shares} batch shards (mesh dp*fsdp)",
+                            "add documents or use a smaller dp*fsdp")
+        mine = kept[share::n_shares]
+        prompt = entry.prompt[mine] if entry.prompt is not None else np.zeros(len(mine), np.int32)
+        parts.append((entry.shard[mine] + len(shards), entry.start[mine], entry.length[mine],
+                      prompt))
+        source.append(np.full(len(mine), s, np.int32))
+        shards.extend(entry.shards)
+    cols = [np.concatenate(c) for c in zip(*parts, strict=True)]
+    prompt = cols[3] if cols[3].any() else None
+    return Docs(shards, cols[0], cols[1], cols[2], prompt), np.concatenate(source)
 
 
 # --------------------------------------------------------------------------- shares
@@ -182,7 +150,7 @@ def group_shares(rows_of: dict[int, set[int]], me: int,
 def _check_shape(mesh: Mesh | None, layout: str, seq_len: int) -> int:
     sp = 1 if mesh is None else int(mesh.shape["sp"])
     try:
-        layouts.permutation(layout, seq_len, sp)
+        layouts.check(layout, seq_len, sp)
     except ValueError as e:
         raise DataError(str(e), "choose data.seq_len as a multiple of the layout's unit") from None
     return sp
@@ -191,11 +159,12 @@ def _check_shape(mesh: Mesh | None, layout: str, seq_len: int) -> int:
 # --------------------------------------------------------------------------- iterators
 
 class _Stream:
-    """Shared plumbing: this share's packed rows, layout, and host -> global arrays."""
+    """Shared plumbing: this share's documents, layout, and host -> global arrays."""
 
-    def __init__(self, files, config_data, tokenizer: Tokenizer, mesh: Mesh | None, *,
+    def __init__(self, specs, config_data, tokenizer: Tokenizer, mesh: Mesh | None, *,
                  layout: str, process_index: int | None, process_count: int | None,
-                 share: tuple[list[np.ndarray], int] | None = None):
+                 filters: bool, share: tuple[list[np.ndarray], int] | None = None,
+                 opened=None):
         self.tokenizer, self.mesh, self.layout = tokenizer, mesh, layout
         self.seq_len = int(config_data.seq_len)
         self.global_batch = int(config_data.global_batch_size)
@@ -209,18 +178,19 @@ class _Stream:
         self._siblings: list = []
         self.simulated = process_count is not None and process_count != jax.process_count()
         self.rows_per_batch = len(self.share_rows[self.share])
-        ds = tokenize_documents(files, tokenizer, text_field=config_data.get("text_field", "text"),
-                                cache_dir=config_data.get("cache_dir", "") or "",
-                                share=self.share, n_shares=len(self.share_rows))
-        self.values, self.offsets = _flat_ids(ds)
-        self.n_docs = len(self.offsets) - 1
+        self.specs = specs
+        # Opened once per process: the sibling shares map the same entries.
+        self.opened = opened if opened is not None else \
+            open_sources(config_data, tokenizer, specs, filters=filters)
+        self.docs, self.source = share_docs(self.opened, self.share, len(self.share_rows))
+        self.n_docs = len(self.docs)
 
     def _packer(self, order: np.ndarray | None) -> Packer:
-        return Packer(self.values, self.offsets, row_len=self.seq_len + 1,
-                      eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, order=order)
+        return Packer(self.docs, row_len=self.seq_len + 1, eos_id=self.tokenizer.eos_id,
+                      pad_id=self.tokenizer.pad_id, order=order)
 
     def _host(self, packer: Packer, rows: Sequence[int]) -> dict[str, np.ndarray]:
-        batch = to_batch(*packer.rows(rows))
+        batch = packer.batch(rows)
         return {k: np.ascontiguousarray(layouts.permute(v, self.layout, self.sp, axis=1))
                 for k, v in batch.items()}
 
@@ -251,48 +221,66 @@ class _Stream:
 
 
 class TrainIterator(_Stream):
-    """Endless, shuffled, resumable global batches of `config_data.train_files`.
+    """Endless, shuffled, resumable global batches of the training sources.
 
     Epoch `e` packs this share's documents in the order `permutation(seed, e)` and visits the
     rows in another seeded permutation (a long document's rows land in different batches).
-    Without `shuffle`, documents and rows stay in file order. Batches may straddle epochs.
+    With several sources or long-document repeats, the epoch's documents are drawn first
+    (`ringformer.data.mixture.Plan`). Without `shuffle`, documents and rows stay in file
+    order. Batches may straddle epochs.
     """
 
     def __init__(self, config_data, tokenizer: Tokenizer, mesh: Mesh | None, *, seed: int,
                  layout: str = "contiguous", shuffle: bool = True, state: dict | None = None,
                  files: str | Sequence[str] | None = None, process_index: int | None = None,
                  process_count: int | None = None,
-                 _share: tuple[list[np.ndarray], int] | None = None):
-        super().__init__(config_data.train_files if files is None else files, config_data,
-                         tokenizer, mesh, layout=layout, process_index=process_index,
-                         process_count=process_count, share=_share)
+                 _share: tuple[list[np.ndarray], int] | None = None, _opened=None):
+        specs = mixture.train_sources(config_data) if files is None else \
+            [mixture.SourceSpec(files, 1.0, *mixture.parse_upsample(
+                config_data.get("upsample_long", "") or ""))]
+        super().__init__(specs, config_data, tokenizer, mesh, layout=layout,
+                         process_index=process_index, process_count=process_count,
+                         filters=True, share=_share, opened=_opened)
         self._siblings = [TrainIterator(config_data, tokenizer, mesh, seed=seed, layout=layout,
                                         shuffle=shuffle, files=files,
-                                        _share=(self.share_rows, k))
+                                        _share=(self.share_rows, k), _opened=self.opened)
                           for k in self.other_shares]
         self.seed, self.shuffle = int(seed), shuffle
         self.batches = 0  # batches consumed: the one number every share agrees on
-        # Any document order packs into the same number of rows: the token count is fixed.
-        self.rows_per_epoch = max(1, -(-(len(self.values) + self.n_docs) // (self.seq_len + 1)))
+        self.plan = mixture.Plan(specs, self.source, self.docs.length, self.seed, self.share)
+        # Plain documents fill the same number of rows in any order: the token count is fixed.
+        self.fixed = self.plan.plain and self.docs.prompt is None
+        n_tokens = int(self.docs.length.sum()) + self.n_docs
+        self.rows_per_epoch = max(1, -(-n_tokens // (self.seq_len + 1)))
+        self._starts = [0]  # variable epochs: the first row of epoch 0, 1, ... (grown lazily)
         self._epoch_cache: tuple[int, Packer, np.ndarray] | None = None
         if state is not None:
             self.restore(state)
 
     def _epoch(self, epoch: int) -> tuple[Packer, np.ndarray]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed % 2**63, epoch, self.share])  # seeds >= 0
-                packer = self._packer(rng.permutation(self.n_docs))
-                visit = rng.permutation(packer.n_rows)
+            rng = np.random.default_rng([self.seed % 2**63, epoch, self.share])  # seeds >= 0
+            if self.plan.plain:
+                order = rng.permutation(self.n_docs) if self.shuffle else None
             else:
-                packer = self._packer(None)
-                visit = np.arange(packer.n_rows)
+                docs = self.plan.documents(epoch)
+                order = docs[rng.permutation(len(docs))] if self.shuffle else np.sort(docs)
+            packer = self._packer(order)
+            visit = rng.permutation(packer.n_rows) if self.shuffle else np.arange(packer.n_rows)
             self._epoch_cache = (epoch, packer, visit)
         return self._epoch_cache[1], self._epoch_cache[2]
 
+    def _locate(self, row: int) -> tuple[int, int]:
+        """(epoch, row inside it) of this share's `row`-th row since the start."""
+        if self.fixed:
+            return divmod(row, self.rows_per_epoch)
+        while self._starts[-1] <= row:
+            self._starts.append(self._starts[-1] + self._epoch(len(self._starts) - 1)[0].n_rows)
+        epoch = bisect.bisect_right(self._starts, row) - 1
+        return epoch, row - self._starts[epoch]
+
     def _position(self) -> tuple[int, int]:
-        consumed = self.batches * self.rows_per_batch
-        return divmod(consumed, self.rows_per_epoch)
+        return self._locate(self.batches * self.rows_per_batch)
 
     def next_host_batch(self) -> dict[str, np.ndarray]:
         """This process's rows of the next batch as numpy, layout applied, [rows, seq_len]."""
@@ -329,41 +317,44 @@ class TrainIterator(_Stream):
         """Continue exactly after the batch at which `state` was taken."""
         try:
             seed = int(state["seed"])
+            if seed != self.seed:  # the saved run's order, not ours
+                self.seed, self._epoch_cache, self._starts = seed, None, [0]
+                self.plan.seed = seed % 2**63
             if "batches" in state:
                 batches = int(state["batches"])
             else:  # a state written by hand: epoch and row position of this share
-                rows = int(state["epoch"]) * self.rows_per_epoch + int(state["position"])
-                batches = rows // self.rows_per_batch
+                epoch = int(state["epoch"])
+                first = epoch * self.rows_per_epoch if self.fixed else self._first_row(epoch)
+                batches = (first + int(state["position"])) // self.rows_per_batch
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"bad data iterator state {state!r}: {e}",
                             "pass the dict returned by TrainIterator.state()") from None
-        if seed != self.seed:
-            self.seed, self._epoch_cache = seed, None  # the saved run's order, not ours
         self.batches = batches
         for s in self._siblings:
             s.restore({"seed": seed, "batches": batches})
 
-
-def make_train_iterator(config_data, tokenizer: Tokenizer, mesh: Mesh | None, *, seed: int,
-                        layout: str = "contiguous", state: dict | None = None,
-                        **kwargs) -> TrainIterator:
-    return TrainIterator(config_data, tokenizer, mesh, seed=seed, layout=layout, state=state,
-                         **kwargs)
+    def _first_row(self, epoch: int) -> int:
+        while len(self._starts) <= epoch:
+            self._locate(self._starts[-1])
+        return self._starts[epoch]
 
 
 class _EvalStream(_Stream):
     def __init__(self, config_data, tokenizer, mesh, *, layout, files, process_index,
-                 process_count, _share=None):
-        super().__init__(config_data.eval_files if files is None else files, config_data,
-                         tokenizer, mesh, layout=layout, process_index=process_index,
-                         process_count=process_count, share=_share)
+                 process_count, _share=None, _opened=None):
+        files = config_data.eval_files if files is None else files
+        super().__init__([mixture.SourceSpec(files)], config_data, tokenizer, mesh,
+                         layout=layout, process_index=process_index,
+                         process_count=process_count, filters=False, share=_share,
+                         opened=_opened)
         self.packer = self._packer(None)
         rows = self.packer.n_rows
         if _share is not None:
             return  # a sibling: the first share's stream counts batches for all
         self._siblings = [_EvalStream(config_data, tokenizer, mesh, layout=layout, files=files,
                                       process_index=None, process_count=None,
-                                      _share=(self.share_rows, k)) for k in self.other_shares]
+                                      _share=(self.share_rows, k), _opened=self.opened)
+                          for k in self.other_shares]
         rows = max([rows] + [s.packer.n_rows for s in self._siblings])
         if jax.process_count() > 1 and not self.simulated:
             # Every process must run the same number of eval steps or collectives hang.

@@ -1,14 +1,20 @@
-"""Local data files -> one Hugging Face `datasets.Dataset` with a single `text` column.
+"""Local data files, read in a streaming fashion: work units of bounded size, then records.
 
-Accepted: `.jsonl` / `.json` (one object per line, or a JSON array; the text field is
-configurable), `.txt` (the whole file is one document), `.parquet`, and directories written by
-`Dataset.save_to_disk`. A plain directory stands for the accepted files below it. Entries may
-be globs and may be given as a list or as one comma-separated string.
+Accepted: `.jsonl` / `.json` (one object per line, or a JSON array), `.txt` (the whole file
+is one document), `.parquet`, and directories written by `Dataset.save_to_disk`. A plain
+directory stands for the accepted files below it. Entries may be globs and may be given as a
+list or as one comma-separated string.
 
-Every check that can fail runs here, before training starts, and fails as a `DataError`
-naming the file (and line) and the fix: missing paths, globs matching nothing, empty files,
-invalid JSON, a missing or non-string text field. Undecodable bytes are not fatal: they
-become U+FFFD and the count is reported as a `DataWarning`.
+Nothing holds a whole file: JSON lines are read in blocks of whole lines, parquet by row
+group, saved datasets (memory-mapped Arrow) by record batch. Two formats are whole by nature:
+a `.txt` file is one document, and a `.json` array has to be parsed as one value.
+
+A record is a document's text, or a supervised example: `{"prompt", "response"}` or
+`{"messages": [{"role", "content"}, ...]}` (rendered by the tokenizer's chat template).
+
+Every check that can fail raises a `DataError` naming the file (and line) and the fix: missing
+paths, globs matching nothing, empty files, invalid JSON, a missing or non-string text field.
+Undecodable bytes are not fatal: they become U+FFFD and are counted (`Parsed.replaced`).
 
 The files are parsed with our own reader rather than `load_dataset("json")` because its errors
 name neither the file nor the line, and it writes to the global HF cache.
@@ -20,25 +26,48 @@ import glob
 import json
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # set before datasets is imported: never reach the hub
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import datasets
-from tqdm.auto import tqdm
-
 from ringformer.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
-TEXT_FEATURES = datasets.Features({"text": datasets.Value("string")})
-_FIX_PATHS = ("check data.train_files / data.eval_files (run scripts/prepare_data.py for the "
-              "default corpus)")
+# The settings a DataError's fix is about (DataError.setting), for tools that take them by flag.
+FILES_SETTING = "data.train_files / data.eval_files"
+TEXT_FIELD_SETTING = "data.text_field"
+_FIX_PATHS = f"check {FILES_SETTING} (run scripts/prepare_data.py for the default corpus)"
+BLOCK_BYTES = 4 << 20  # one work unit of JSON lines: big enough to amortise a process hop
+BATCH_ROWS = 4096  # rows per parquet / Arrow work unit (parquet row groups are cut to this)
 
 
 class DataWarning(UserWarning):
     """Data that was read, but not exactly as written (e.g. undecodable bytes replaced)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A bounded piece of one file: `raw` JSON lines starting at `line`, or `texts`."""
+
+    path: str
+    field: str
+    raw: bytes = b""
+    line: int = 1
+    texts: list | None = None
+    keep_empty: bool = False  # parquet / Arrow rows are documents even when empty
+    replaced: int = 0  # undecodable sequences already replaced in `texts`
+
+
+@dataclass
+class Parsed:
+    """Records of a unit: str (a document) | (prompt, response) | list of chat messages."""
+
+    records: list = field(default_factory=list)
+    replaced: int = 0  # undecodable sequences replaced by U+FFFD
+    empty: int = 0  # empty documents skipped
 
 
 def _split_entries(files: str | Path | Sequence[str | Path]) -> list[str]:
@@ -78,16 +107,16 @@ def resolve_files(files: str | Path | Sequence[str | Path]) -> list[Path]:
     """Expand globs, comma lists and directories into existing, supported paths (in order)."""
     entries = _split_entries(files)
     if not entries:
-        raise DataError("no data files given", _FIX_PATHS)
+        raise DataError("no data files given", _FIX_PATHS, setting=FILES_SETTING)
     paths: list[Path] = []
     for entry in entries:
         entry = os.path.expanduser(entry)
         if glob.has_magic(entry):
             matches = sorted(glob.glob(entry, recursive=True))
             if not matches:
-                raise DataError(f"no files match {entry!r}", _FIX_PATHS)
+                raise DataError(f"no files match {entry!r}", _FIX_PATHS, setting=FILES_SETTING)
         elif not os.path.exists(entry):
-            raise DataError(f"data file {entry} does not exist", _FIX_PATHS)
+            raise DataError(f"data file {entry} does not exist", _FIX_PATHS, setting=FILES_SETTING)
         else:
             matches = [entry]
         for m in matches:
@@ -108,7 +137,9 @@ def resolve_files(files: str | Path | Sequence[str | Path]) -> list[Path]:
     return unique
 
 
-def _decode(path: Path, raw: bytes) -> tuple[str, int]:
+# --------------------------------------------------------------------------- reading units
+
+def _decode(raw: bytes, first: bool) -> tuple[str, int]:
     """UTF-8 text and the number of undecodable sequences replaced by U+FFFD."""
     try:
         text = raw.decode("utf-8")
@@ -117,29 +148,166 @@ def _decode(path: Path, raw: bytes) -> tuple[str, int]:
         text = raw.decode("utf-8", errors="replace")
         # U+FFFD written in the file on purpose is not damage; count only what we replaced.
         replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
-    return text.removeprefix("\ufeff"), replaced
+    return (text.removeprefix("\ufeff") if first else text), replaced
 
 
-def _read_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"data file {path} is empty", "remove it from the data files or fill it")
-    return raw
+def _empty_file(path: Path) -> DataError:
+    return DataError(f"data file {path} is empty", "remove it from the data files or fill it")
 
 
-def _text_of(obj, path: Path, where: str, field: str) -> str:
+def _json_lines(path: Path, field: str, block: int) -> Iterator[Unit]:
+    """Blocks of whole lines. A newline byte never occurs inside a UTF-8 sequence, so a
+    block decodes on its own."""
+    line, carry, seen_text = 1, b"", False
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            buf = carry + data
+            cut = len(buf) if not data else buf.rfind(b"\n") + 1
+            if data and not cut:
+                carry = buf  # a line longer than the block: read on
+                continue
+            chunk, carry = buf[:cut], buf[cut:]
+            if not seen_text and chunk.strip():
+                seen_text = True
+                if path.suffix == ".json" and chunk.lstrip().startswith(b"["):
+                    yield _json_array(path, field, chunk + carry + f.read())
+                    return
+            if seen_text and chunk:
+                yield Unit(str(path), field, raw=chunk, line=line)
+            line += chunk.count(b"\n")
+            if not data:
+                if not seen_text:
+                    raise _empty_file(path)
+                return
+
+
+def _json_array(path: Path, field: str, raw: bytes) -> Unit:
+    text, replaced = _decode(raw, True)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})",
+                        "fix the file so it parses as a JSON array") from None
+    docs = [_record(r, path, f"[{i}]", field) for i, r in enumerate(records)]
+    return Unit(str(path), field, texts=docs, replaced=replaced)
+
+
+def _parquet(path: Path, field: str) -> Iterator[Unit]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.stat().st_size == 0:
+        raise _empty_file(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"cannot read parquet file {path}: {e}",
+                        "rewrite it with pyarrow or pandas .to_parquet()") from None
+    if field not in pf.schema_arrow.names:
+        raise _no_column(path, field, pf.schema_arrow.names)
+    rows = 0
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[field]):
+        rows += batch.num_rows
+        yield Unit(str(path), field, texts=_text_column(batch.column(0), field, path),
+                   keep_empty=True)
+    if not rows:
+        raise DataError(f"data set {path} has no rows", "remove it or add documents")
+
+
+def _no_column(path: Path, field: str, names: Sequence[str]) -> DataError:
+    return DataError(f"{path}: no column {field!r} (columns: {', '.join(names)})",
+                     f"set {TEXT_FIELD_SETTING} to the column that holds the text",
+                     setting=TEXT_FIELD_SETTING)
+
+
+def _text_column(col, field: str, path: Path) -> list[str]:
+    import pyarrow as pa
+
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise DataError(f"{path}: column {field!r} has type {col.type}, not string",
+                        f"set {TEXT_FIELD_SETTING} to a text column", setting=TEXT_FIELD_SETTING)
+    if col.null_count:
+        raise DataError(f"{path}: column {field!r} has {col.null_count} missing values",
+                        "drop or fill the rows without text")
+    return col.to_pylist()
+
+
+def _saved(path: Path, field: str) -> Iterator[Unit]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises several kinds for damaged directories
+        raise DataError(f"cannot load saved dataset {path}: {e}",
+                        "point at a directory written by Dataset.save_to_disk") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise DataError(f"{path} holds several splits ({', '.join(ds)})",
+                            f"name one split directory, e.g. {path / next(iter(ds))}")
+        ds = next(iter(ds.values()))
+    if field not in ds.column_names:
+        raise _no_column(path, field, ds.column_names)
+    if len(ds) == 0:
+        raise DataError(f"data set {path} has no rows", "remove it or add documents")
+    # The table is memory-mapped Arrow: batches are views, read as they are converted.
+    for batch in ds.with_format(None).data.table.select([field]).to_batches(BATCH_ROWS):
+        yield Unit(str(path), field, texts=_text_column(batch.column(0), field, path),
+                   keep_empty=True)
+
+
+def read_units(path: Path, field: str, *, block: int = BLOCK_BYTES) -> Iterator[Unit]:
+    """The work units of one resolved path, in order; file-level checks raise here."""
+    if path.is_dir():
+        yield from _saved(path, field)
+    elif path.suffix == ".parquet":
+        yield from _parquet(path, field)
+    elif path.suffix == ".txt":
+        raw = path.read_bytes()
+        if not raw.strip():
+            raise _empty_file(path)
+        yield Unit(str(path), field, raw=raw, line=0)  # line 0: the whole file is one text
+    else:
+        yield from _json_lines(path, field, block)
+
+
+# --------------------------------------------------------------------------- parsing units
+
+def _record(obj, path: Path | str, where: str, field: str):
+    """A document's text, (prompt, response), or a messages list; see the module doc."""
     if not isinstance(obj, dict):
         raise DataError(f"{path}{where}: expected a JSON object, got {type(obj).__name__}",
                         'write one object per line, e.g. {"text": "..."}')
-    if field not in obj:
-        have = ", ".join(sorted(obj)) or "none"
-        raise DataError(f"{path}{where}: no field {field!r} (fields: {have})",
-                        "set data.text_field to the field that holds the text")
-    value = obj[field]
+    if field in obj:
+        return _string(obj, field, path, where)
+    if "prompt" in obj and "response" in obj:
+        return (_string(obj, "prompt", path, where), _string(obj, "response", path, where))
+    if "messages" in obj:
+        return _messages(obj["messages"], path, where)
+    have = ", ".join(sorted(obj)) or "none"
+    raise DataError(f"{path}{where}: no field {field!r} (fields: {have})",
+                    f"set {TEXT_FIELD_SETTING} to the field that holds the text (or give "
+                    "supervised examples as prompt + response, or messages)",
+                    setting=TEXT_FIELD_SETTING)
+
+
+def _string(obj: dict, key: str, path, where: str) -> str:
+    value = obj[key]
     if not isinstance(value, str):
-        raise DataError(f"{path}{where}: field {field!r} is {type(value).__name__}, not a string",
+        raise DataError(f"{path}{where}: field {key!r} is {type(value).__name__}, not a string",
                         "store the document text as a JSON string")
     return value
+
+
+def _messages(msgs, path, where: str) -> list[dict]:
+    ok = isinstance(msgs, list) and msgs and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str) for m in msgs)
+    if not ok or msgs[-1]["role"] != "assistant":
+        raise DataError(f"{path}{where}: 'messages' must be a list of "
+                        '{"role": ..., "content": "..."} ending with an assistant turn',
+                        "the last assistant message is the response the loss is taken on")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
 def _clean(text: str) -> tuple[str, int]:
@@ -152,123 +320,89 @@ def _clean(text: str) -> tuple[str, int]:
         return fixed, fixed.count("?") - text.count("?")
 
 
-def _read_json(path: Path, field: str) -> tuple[list[str], int]:
-    text, replaced = _decode(path, _read_bytes(path))
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+def _parse_lines(unit: Unit) -> Parsed:
+    text, replaced = _decode(unit.raw, unit.line == 1)
+    out = Parsed(replaced=replaced)
+    for lineno, line in enumerate(text.split("\n"), start=unit.line):
+        if not line.strip():
+            continue
         try:
-            records = json.loads(text)
+            obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})",
-                            "fix the file so it parses as a JSON array") from None
-        docs = [_text_of(r, path, f"[{i}]", field) for i, r in enumerate(records)]
+            raise DataError(f"{unit.path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})",
+                            "fix or delete that line; each line must be one JSON object"
+                            ) from None
+        rec = _record(obj, unit.path, f":{lineno}", unit.field)
+        if "\\u" in line and isinstance(rec, str):  # only escapes can smuggle in surrogates
+            rec, n = _clean(rec)
+            out.replaced += n
+        out.records.append(rec)
+    return out
+
+
+def parse_unit(unit: Unit) -> Parsed:
+    """Records of a unit; raises DataError naming the file and line of a bad record."""
+    if unit.texts is not None:
+        out = Parsed(records=list(unit.texts), replaced=unit.replaced)
+    elif unit.line == 0:
+        text, replaced = _decode(unit.raw, True)
+        out = Parsed(records=[text], replaced=replaced)
     else:
-        docs = []
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})",
-                                "fix or delete that line; each line must be one JSON object"
-                                ) from None
-            value = _text_of(obj, path, f":{lineno}", field)
-            if "\\u" in line:  # only escapes can smuggle in lone surrogates
-                value, n = _clean(value)
-                replaced += n
-            docs.append(value)
-    if not docs:
-        raise DataError(f"data file {path} has no records", "remove it or add documents")
-    return docs, replaced
+        out = _parse_lines(unit)
+    if not unit.keep_empty:
+        kept = [r for r in out.records if r != ""]
+        out.empty, out.records = len(out.records) - len(kept), kept
+    return out
 
 
-def _read_parquet(path: Path, field: str) -> datasets.Dataset:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class FileTally:
+    """Per-file checks that need every unit of the file: records at all, warnings."""
 
-    _read_bytes(path)
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"cannot read parquet file {path}: {e}",
-                        "rewrite it with pyarrow or pandas .to_parquet()") from None
-    if field not in schema.names:
-        raise DataError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)})",
-                        "set data.text_field to the column that holds the text")
-    table = pq.read_table(path, columns=[field])
-    return _text_table(table, field, path)
+    def __init__(self, path: str):
+        self.path, self.records, self.empty, self.replaced = path, 0, 0, 0
 
+    def add(self, parsed: Parsed) -> None:
+        self.records += len(parsed.records)
+        self.empty += parsed.empty
+        self.replaced += parsed.replaced
 
-def _text_table(table, field: str, path: Path) -> datasets.Dataset:
-    import pyarrow as pa
-
-    col = table.column(field)
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        raise DataError(f"{path}: column {field!r} has type {col.type}, not string",
-                        "set data.text_field to a text column")
-    if col.null_count:
-        raise DataError(f"{path}: column {field!r} has {col.null_count} missing values",
-                        "drop or fill the rows without text")
-    if len(col) == 0:
-        raise DataError(f"data set {path} has no rows", "remove it or add documents")
-    return datasets.Dataset(pa.table({"text": col.cast(pa.string())}))
+    def finish(self) -> int:
+        """Raise for a file without documents; warn about replaced bytes; -> empty skipped."""
+        if not self.records:
+            if self.empty:
+                raise DataError(f"data file {self.path} has only empty documents",
+                                "remove it or add text")
+            raise DataError(f"data file {self.path} has no records", "remove it or add documents")
+        if self.replaced:
+            warnings.warn(f"{self.path}: {self.replaced} undecodable byte sequence(s) replaced "
+                          "with U+FFFD", DataWarning, stacklevel=4)
+        return self.empty
 
 
-def _read_saved(path: Path, field: str) -> datasets.Dataset:
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # datasets raises several kinds for damaged directories
-        raise DataError(f"cannot load saved dataset {path}: {e}",
-                        "point at a directory written by Dataset.save_to_disk") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if len(ds) != 1:
-            raise DataError(f"{path} holds several splits ({', '.join(ds)})",
-                            f"name one split directory, e.g. {path / next(iter(ds))}")
-        ds = next(iter(ds.values()))
-    if field not in ds.column_names:
-        raise DataError(f"{path}: no column {field!r} (columns: {', '.join(ds.column_names)})",
-                        "set data.text_field to the column that holds the text")
-    return _text_table(ds.with_format(None).data.table.select([field]), field, path)
-
-
-def _read_one(path: Path, field: str) -> tuple[datasets.Dataset, int, int]:
-    """(dataset, replaced sequences, empty documents skipped) for one path."""
-    if path.is_dir():
-        return _read_saved(path, field), 0, 0
-    if path.suffix == ".parquet":
-        return _read_parquet(path, field), 0, 0
-    if path.suffix == ".txt":
-        text, replaced = _decode(path, _read_bytes(path))
-        docs = [text]
-    else:
-        docs, replaced = _read_json(path, field)
-    kept = [d for d in docs if d]
-    if not kept:
-        raise DataError(f"data file {path} has only empty documents",
-                        "remove it or add text")
-    return datasets.Dataset.from_dict({"text": kept}, features=TEXT_FEATURES), replaced, \
-        len(docs) - len(kept)
-
-
-def load_paths(paths: Iterable[Path], *, text_field: str = "text") -> datasets.Dataset:
-    """Read already-resolved paths; see `load_documents`."""
-    paths = list(paths)
-    parts: list[datasets.Dataset] = []
+def iter_records(paths: Sequence[Path], *, text_field: str = "text") -> Iterator[object]:
+    """Every record of `paths`, in order, checked; streaming (see the module doc)."""
     empty = 0
-    for path in tqdm(paths, desc="reading data", unit="file", disable=len(paths) < 20,
-                     leave=False):
-        ds, replaced, skipped = _read_one(path, text_field)
-        if replaced:
-            warnings.warn(f"{path}: {replaced} undecodable byte sequence(s) replaced with U+FFFD",
-                          DataWarning, stacklevel=3)
-        empty += skipped
-        parts.append(ds)
+    for path in paths:
+        tally = FileTally(str(path))
+        for unit in read_units(path, text_field):
+            parsed = parse_unit(unit)
+            tally.add(parsed)
+            yield from parsed.records
+        empty += tally.finish()
     if empty:
         warnings.warn(f"skipped {empty} empty document(s)", DataWarning, stacklevel=3)
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def load_documents(files: str | Path | Sequence[str | Path], *,
-                   text_field: str = "text") -> datasets.Dataset:
+def load_paths(paths: Sequence[Path], *, text_field: str = "text"):
+    """Already-resolved paths as a `datasets.Dataset` with one `text` column (small data:
+    tests and tools; training reads through `ringformer.data.cache`)."""
+    import datasets
+
+    texts = [r for r in iter_records(list(paths), text_field=text_field) if isinstance(r, str)]
+    return datasets.Dataset.from_dict({"text": texts},
+                                      features=datasets.Features({"text": datasets.Value("string")}))
+
+
+def load_documents(files: str | Path | Sequence[str | Path], *, text_field: str = "text"):
     """All documents of `files` as a Dataset with one string column, `text`, in file order."""
     return load_paths(resolve_files(files), text_field=text_field)

@@ -69,6 +69,13 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of `ids`, special tokens dropped."""
 
+    def render_chat(self, messages: Sequence[dict]) -> tuple[str, str]:
+        """(prompt, response) text of a conversation whose last message is the assistant's
+        answer: the response is that answer, the prompt everything before it. Tokenizers
+        without a chat template use plain `role: content` lines."""
+        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1])
+        return prompt + "assistant: ", messages[-1]["content"]
+
     @property
     @abc.abstractmethod
     def fingerprint(self) -> str:
@@ -181,6 +188,18 @@ class _HFTokenizer(_FileTokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def render_chat(self, messages: Sequence[dict]) -> tuple[str, str]:
+        if not getattr(self._tok, "chat_template", None):
+            return super().render_chat(messages)
+        # The template's own text for "everything up to the answer" is the prompt; the rest of
+        # the full rendering (the answer and the template's end-of-turn marks) is the response.
+        prompt = self._tok.apply_chat_template(list(messages[:-1]), tokenize=False,
+                                               add_generation_prompt=True)
+        full = self._tok.apply_chat_template(list(messages), tokenize=False)
+        if not full.startswith(prompt):
+            return super().render_chat(messages)
+        return prompt, full[len(prompt):]
 
 
 def _hash_files(files: Sequence[Path]) -> str:

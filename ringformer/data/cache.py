@@ -1,0 +1,207 @@
+"""The tokenized cache: sources tokenized once into memory-mapped token shards + an index.
+
+One entry per source (a set of files) under the cache root, `tokens-<what>-<state>/`:
+
+- `tokens-00000.bin`, ...: token ids back to back (uint16 when the vocabulary fits, else
+  uint32), BOS included, EOS not stored (the packer adds it);
+- `doc_shard.npy`, `doc_start.npy`, `doc_len.npy`, `doc_file.npy` (and `doc_prompt.npy` for
+  supervised examples): the document index, in file order;
+- `manifest.json`: the commit marker, written last, with every file's size and CRC-32.
+
+`<what>` hashes the resolved paths, the text field and the tokenizer; `<state>` hashes the
+files' sizes and modification times. A changed file gives a new state: the entry is rebuilt
+and the stale one removed. An entry is built in a private directory and renamed into place,
+so a crash never leaves a half entry under the final name; an entry whose files do not match
+its manifest (a truncated shard, a missing index) is reported as a `DataWarning` and rebuilt,
+never used. `verify_entry` also checks the shards' CRC-32s (a full read; not done per run).
+
+Building reads the sources as bounded work units (`ringformer.data.sources`) and tokenizes
+them in a process pool over the machine's cores (inline for small sources), with at most a
+few units in flight, so memory stays flat whatever the corpus size. Processes building the
+same entry serialise on a lock file; the others then map what the first one wrote.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ringformer.data import sources as src
+from ringformer.data.cache_build import CACHE_VERSION, build_entry, crc32_of
+from ringformer.data.tokenizer import Tokenizer
+from ringformer.errors import DataError
+
+_MADVISE_EVERY = 256 << 20  # bytes read from a shard between dropping its mapped pages
+_INDEX = ("doc_shard", "doc_start", "doc_len", "doc_file", "doc_prompt")
+_CACHE_FIX = "point data.cache_dir at a writable directory, or leave it empty"
+
+
+class Shard:
+    """A read-only memory map of one token file. Reads copy out; every few hundred MB the
+    process's mapped pages are dropped (they stay in the page cache), so a long run's RSS
+    does not grow with the corpus it has read."""
+
+    def __init__(self, path: Path, dtype: np.dtype, n_bytes: int):
+        self.dtype, self._read = dtype, 0
+        if n_bytes == 0:  # mmap refuses empty files
+            self._mm, self.values = None, np.zeros(0, dtype)
+            return
+        with open(path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.values = np.frombuffer(self._mm, dtype=dtype)
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        out = np.array(self.values[s])
+        self._read += out.nbytes
+        if self._read > _MADVISE_EVERY and self._mm is not None:
+            self._read = 0
+            self._mm.madvise(mmap.MADV_DONTNEED)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+class Entry:
+    """A committed cache entry: shards mapped, index in memory (16-24 bytes a document)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.manifest = json.loads((path / "manifest.json").read_text())
+        dtype = np.dtype(self.manifest["dtype"])
+        self.shards = [Shard(path / s["name"], dtype, s["bytes"]) for s in self.manifest["shards"]]
+        idx = {k: np.load(path / f"{k}.npy") for k in _INDEX if (path / f"{k}.npy").is_file()}
+        self.shard, self.start = idx["doc_shard"], idx["doc_start"]
+        self.length, self.file = idx["doc_len"], idx["doc_file"]
+        self.prompt = idx.get("doc_prompt")
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def tokens(self, d: int) -> np.ndarray:
+        s = int(self.start[d])
+        return self.shards[int(self.shard[d])][s:s + int(self.length[d])]
+
+
+# --------------------------------------------------------------------------- where, which
+
+def cache_root(paths: Sequence[Path], cache_dir: str) -> Path:
+    """`cache_dir`, checked, or `.cache/` beside the first data path (or, when that is not
+    writable, ~/.cache/ringformer). A set `cache_dir` that cannot be used is a DataError."""
+    if cache_dir:
+        root = Path(cache_dir).expanduser()
+        if root.exists() and not root.is_dir():
+            raise DataError(f"data.cache_dir {root} is a file, not a directory", _CACHE_FIX)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create data.cache_dir {root}: {e.strerror}",
+                            _CACHE_FIX) from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise DataError(f"data.cache_dir {root} is not writable", _CACHE_FIX)
+        return root
+    root = (paths[0] if paths[0].is_dir() else paths[0].parent) / ".cache"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    # Read-only data (a shared mount): cache per user instead of failing.
+    fallback = Path.home() / ".cache" / "ringformer"
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def _file_stats(paths: Sequence[Path]) -> list:
+    stats = []
+    for p in paths:
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        stats.append([str(p.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                           for f in files])
+    return stats
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:12]
+
+
+def entry_name(paths: Sequence[Path], text_field: str, tok: Tokenizer) -> tuple[str, str]:
+    """(`tokens-<what>`, `<state>`): see the module doc."""
+    what = [CACHE_VERSION, [str(p.resolve()) for p in paths], text_field, tok.name,
+            tok.fingerprint, tok.bos_id]
+    return f"tokens-{_hash(what)}", _hash(_file_stats(paths))
+
+
+# --------------------------------------------------------------------------- checking
+
+def entry_problem(path: Path, *, full: bool = False) -> str | None:
+    """Why the entry at `path` cannot be used (None: it can). Sizes and the index's CRC are
+    always checked; the shards' CRCs only with `full` (a read of the whole entry)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return "no commit marker (manifest.json): an interrupted build"
+    if manifest.get("version") != CACHE_VERSION:
+        return f"written by cache version {manifest.get('version')}"
+    for name, meta in [(s["name"], s) for s in manifest["shards"]] + list(manifest["index"].items()):
+        f = path / name
+        if not f.is_file() or f.stat().st_size != meta["bytes"]:
+            size = f.stat().st_size if f.is_file() else "missing"
+            return f"{name} has {size} bytes, the manifest says {meta['bytes']}"
+        if (full or name.endswith(".npy")) and crc32_of(f) != meta["crc32"]:
+            return f"{name} does not match its CRC-32"
+    return None
+
+
+def verify_entry(path: str | Path) -> str | None:
+    """`entry_problem` with every shard's CRC-32 checked."""
+    return entry_problem(Path(path), full=True)
+
+
+# --------------------------------------------------------------------------- opening
+
+def open_source(files, tokenizer: Tokenizer, *, text_field: str = "text",
+                cache_dir: str = "", workers: int | None = None) -> Entry:
+    """The cache entry of `files`, built first if missing, stale or damaged."""
+    paths = src.resolve_files(files)
+    root = cache_root(paths, cache_dir)
+    what, state = entry_name(paths, text_field, tokenizer)
+    entry = root / f"{what}-{state}"
+    with open(root / f".{what}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if entry.exists():
+            problem = entry_problem(entry)
+            if problem is None:
+                return Entry(entry)
+            warnings.warn(f"tokenized cache {entry} is damaged ({problem}): rebuilding",
+                          src.DataWarning, stacklevel=2)
+        tmp = root / f"{what}-{state}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build_entry(paths, tokenizer, text_field, tmp, workers=workers)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # bad data leaves nothing behind
+            raise
+        for old in root.glob(f"{what}-*"):  # stale states and leftovers of crashed builds
+            if old != tmp:
+                shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, entry)
+        return Entry(entry)
+
+
+def iter_documents(entry: Entry, eos_id: int) -> Iterator[np.ndarray]:
+    """Each document as int32 `[BOS] + ids + [EOS]`, in file order."""
+    eos = np.array([eos_id], np.int32)
+    for d in range(len(entry)):
+        yield np.concatenate([entry.tokens(d).astype(np.int32), eos])
+
