@@ -23,14 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from ringformer.config import KERNELS
+from ringformer import config, sharding
+from ringformer.config import IMPLS, KERNELS
 from ringformer.ops import layouts
 from ringformer.ops.ring import ring_core
 from ringformer.ops.xla_tiles import F32, MASK, Options
 
-IMPLS = ("ring", "blockwise", "dense")
 # Tuned on the CPU backend (docs/BENCHMARKS.md): taller query chunks amortise each key chunk's
 # slicing and the per-tile loop overhead over more rows; 1024 x 512 beat 512 x 512 by ~10%.
 DEFAULT_Q_CHUNK, DEFAULT_KV_CHUNK = 1024, 512
@@ -66,11 +65,11 @@ def dense_attention(q, k, v, *, causal: bool = True, segment_ids=None, token_ind
 
 
 def chunk_sizes(local: int, *, q_chunk: int | None = None, kv_chunk: int | None = None,
-                zigzag_halves: bool = False) -> tuple[int, int]:
-    """The (q_chunk, kv_chunk) the kernel runs with on a local block of `local` tokens: the
-    requested sizes or the defaults, capped at the block, or at its halves for a zigzag ring
-    (a tile straddling the two halves spans the whole sequence and could never be skipped)."""
-    cap = local // 2 if zigzag_halves else local
+                layout: str = "contiguous", n_sp: int = 1) -> tuple[int, int]:
+    """The (q_chunk, kv_chunk) the kernel runs with on a local block of `local` tokens of a
+    ring of `n_sp` in `layout`: the requested sizes or the defaults, capped at
+    `layouts.chunk_cap`."""
+    cap = layouts.chunk_cap(layout, local, n_sp)
     return (min(DEFAULT_Q_CHUNK if q_chunk is None else q_chunk, cap),
             min(DEFAULT_KV_CHUNK if kv_chunk is None else kv_chunk, cap))
 
@@ -107,8 +106,7 @@ def ring_attention(q, k, v, *, axis_name: str | None = "sp", causal: bool = True
     b, length, h, d = q.shape
     if k.shape[:2] != (b, length) or v.shape != k.shape or k.shape[3] != d:
         raise ValueError(f"k/v shape {k.shape}/{v.shape} does not match q {q.shape}")
-    if h % k.shape[2]:
-        raise ValueError(f"heads={h} is not divisible by kv_heads={k.shape[2]}")
+    config.check_heads(h, k.shape[2], label="")
     cq, ck = chunk_sizes(length, q_chunk=q_chunk, kv_chunk=kv_chunk)
     opts = Options(axis_name, causal, _check_chunk(cq, q_chunk, length, "q_chunk"),
                     _check_chunk(ck, kv_chunk, length, "kv_chunk"),
@@ -141,20 +139,15 @@ def _check_global(q, k, v, mesh: Mesh | None, impl: str, segment_ids) -> None:
     (b, s, h, d), kvh = q.shape, k.shape[2]
     if k.shape[0] != b or k.shape[1] != s or k.shape[3] != d:
         raise ValueError(f"k/v {k.shape} do not match q {q.shape} in batch, seq or head_dim")
-    if h % kvh:
-        raise ValueError(f"heads={h} is not divisible by kv_heads={kvh}; use kv_heads dividing {h}")
+    config.check_heads(h, kvh, label="")
     if segment_ids is not None and segment_ids.shape != (b, s):
         raise ValueError(f"segment_ids shape {segment_ids.shape} is not [batch, seq] = {(b, s)}")
     if mesh is None:
         return
-    shards = mesh.shape["dp"] * mesh.shape["fsdp"]
-    sp, tp = mesh.shape["sp"], mesh.shape["tp"]
-    if b % shards:
-        raise ValueError(f"batch={b} is not divisible by dp*fsdp={shards}")
-    if kvh % tp:
-        raise ValueError(f"kv_heads={kvh} (heads={h}) is not divisible by tp={tp}")
-    if impl == "ring" and s % sp:
-        raise ValueError(f"seq={s} is not divisible by sp={sp}; use a multiple of {sp}")
+    config.check_batch(b, mesh.shape["dp"] * mesh.shape["fsdp"], label="batch")
+    config.check_tp(kvh, mesh.shape["tp"], n_heads=h, label="")
+    if impl == "ring":
+        config.check_seq(s, mesh.shape["sp"], label="seq")
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "impl", "causal", "q_chunk", "kv_chunk",
@@ -172,7 +165,7 @@ def attention_in_layout(q, k, v, *, mesh: Mesh | None, impl: str = "ring", causa
     kernel="pallas" on CPU devices the kernels run in the interpreter.
     """
     _check_global(q, k, v, mesh, impl, segment_ids)
-    n_sp = 1 if mesh is None else mesh.shape["sp"]
+    n_sp = sharding.seq_shards(mesh)
     s = q.shape[1]
     index = jnp.asarray(layouts.permutation(layout, s, n_sp), jnp.int32)
 
@@ -181,9 +174,9 @@ def attention_in_layout(q, k, v, *, mesh: Mesh | None, impl: str = "ring", causa
         pipeline_grads = mesh is not None and platform != "cpu"
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}")
-    if impl == "ring" and layout == "zigzag" and n_sp > 1:
+    if impl == "ring":  # the chunks the kernel can use on this layout's local blocks
         q_chunk, kv_chunk = chunk_sizes(s // n_sp, q_chunk=q_chunk, kv_chunk=kv_chunk,
-                                        zigzag_halves=True)
+                                        layout=layout, n_sp=n_sp)
 
     def local(q, k, v, seg, idx):
         if impl == "dense":
@@ -196,12 +189,15 @@ def attention_in_layout(q, k, v, *, mesh: Mesh | None, impl: str = "ring", causa
 
     if mesh is None:
         return local(q, k, v, segment_ids, index)
-    seq = "sp" if impl == "ring" else None
-    spec, seg_spec = P(("dp", "fsdp"), seq, "tp", None), P(("dp", "fsdp"), seq)
-    q, k, v = (jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)) for x in (q, k, v))
+    seq = "length" if impl == "ring" else None  # only the ring splits the sequence
+    spec = sharding.logical_to_spec(("batch", seq, "heads", "head_dim"))
+    kv_spec = sharding.logical_to_spec(("batch", seq, "kv_heads", "head_dim"))
+    seg_spec, index_spec = sharding.logical_to_spec(("batch", seq)), sharding.logical_to_spec((seq,))
+    q, k, v = (jax.lax.with_sharding_constraint(x, NamedSharding(mesh, p))
+               for x, p in ((q, spec), (k, kv_spec), (v, kv_spec)))
     # pallas_call's outputs carry no record of which mesh axes they vary over, which
     # shard_map's check requires; the specs above already say it.
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec, P(seq)),
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(spec, kv_spec, kv_spec, seg_spec, index_spec),
                        out_specs=spec, check_vma=kernel != "pallas")
     return fn(q, k, v, segment_ids, index)
 
@@ -220,18 +216,16 @@ def attention(q, k, v, *, mesh: Mesh | None, impl: str = "ring", causal: bool = 
     (see `ring_attention`; for ring and blockwise).
     Raises ValueError, with the numbers, for shapes the mesh cannot split.
     """
-    n_sp = 1 if mesh is None else mesh.shape["sp"]
-    if layout != "contiguous" and n_sp > 1:
+    n_sp = sharding.seq_shards(mesh)
+    layout = layouts.effective(layout, n_sp)
+    if layout != "contiguous":
         q, k, v = (layouts.permute(x, layout, n_sp, axis=1) for x in (q, k, v))
         if segment_ids is not None:
             segment_ids = layouts.permute(segment_ids, layout, n_sp, axis=1)
     out = attention_in_layout(q, k, v, mesh=mesh, impl=impl, causal=causal,
                               segment_ids=segment_ids, q_chunk=q_chunk, kv_chunk=kv_chunk,
-                              layout=layout if n_sp > 1 else "contiguous",
-                              pipeline_grads=pipeline_grads, kernel=kernel)
-    if layout != "contiguous" and n_sp > 1:
-        out = layouts.unpermute(out, layout, n_sp, axis=1)
-    return out
+                              layout=layout, pipeline_grads=pipeline_grads, kernel=kernel)
+    return layouts.unpermute(out, layout, n_sp, axis=1) if layout != "contiguous" else out
 
 
 def tile_counts(layout: str, seq_len: int, n_sp: int, chunk: int) -> np.ndarray:

@@ -1,20 +1,31 @@
-"""Configuration defaults and start-up validation.
+"""Every setting once: allowed values, defaults, typed sections and the checks on them.
 
-Every experiment in `configs/` starts from `default_config()` and overrides what it needs.
-`validate(config, n_devices)` runs before anything is compiled and raises `ConfigError`
-with a one-line reason and a fix, so a bad run fails in a second, not after a compile.
+The frozen dataclasses below are the one place a default is written: `default_config()`
+builds the ConfigDict sections from their fields, and `ModelConfig.from_config` (and every
+other `Section.from_section`) builds them back from a ConfigDict. Every experiment in
+`configs/` starts from `default_config()` and overrides what it needs. `validate(config,
+n_devices)` runs before anything is compiled and raises `ConfigError` with a one-line reason
+and a fix, so a bad run fails in a second, not after a compile. The rules shared with code
+that checks arrays or flags (heads by kv_heads, kv_heads by tp, batch by dp*fsdp, ...) are
+functions here that those callers use. No jax: scripts import this before jax starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+from collections.abc import Mapping
+from typing import Any, Self
 
 import ml_collections
 
+from ringformer.data import mixture
 from ringformer.errors import ConfigError
+from ringformer.ops import layouts
 
+# The layout names live with what each layout is; re-exported here with the other choices.
+LAYOUTS = layouts.LAYOUTS
 IMPLS = ("ring", "blockwise", "dense")
-LAYOUTS = ("contiguous", "striped", "zigzag")
 PIPELINE_GRADS = ("auto", "on", "off")
 KERNELS = ("xla", "pallas")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -24,87 +35,185 @@ DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("dp", "fsdp", "sp", "tp")
 
 
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+class Section:
+    """A frozen, typed view of one ConfigDict section; the fields' defaults are the defaults."""
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 100
-    c.train.log_every = 10
-    c.train.eval_every = 50
-    c.train.eval_batches = 4
-    c.train.save_every = 50
-    c.train.keep_checkpoints = 3
-    c.train.seed = 0
-    c.train.skip_nonfinite = False  # opt in: skip (and count) steps with a non-finite loss
-    c.train.init_from = ""  # a local HF LLaMA dir or a ringformer workdir to start from
-    c.train.peak_flops = 0.0  # per device FLOP/s for MFU; 0 measures a matmul at start-up
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The section's keys and defaults, in field order (nested sections left out)."""
+        return {f.name: f.default for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.dp = 1
-    c.mesh.fsdp = -1
-    c.mesh.sp = 1
-    c.mesh.tp = 1
+    @classmethod
+    def from_section(cls, values: Mapping[str, Any], name: str = "") -> Self:
+        """From a complete section (ConfigDict or dict); a missing key is a ConfigError."""
+        keys = cls.defaults()
+        missing = [k for k in keys if k not in values]
+        _need(not missing, f"config key {name or cls.__name__}.{missing[0] if missing else ''} is missing",
+              "start the config from ringformer.config.default_config()")
+        return cls(**{k: values[k] for k in keys})
 
-    c.data = ml_collections.ConfigDict()
-    c.data.train_files = "data/stdlib/train.jsonl"
-    c.data.eval_files = "data/stdlib/eval.jsonl"
-    c.data.text_field = "text"
-    c.data.tokenizer = "byte"
-    c.data.seq_len = 2048
-    c.data.global_batch_size = 8
-    c.data.cache_dir = ""  # empty: next to the data files
 
-    c.model = ml_collections.ConfigDict()
-    c.model.vocab_size = 259  # the byte tokenizer: 256 bytes + pad, eos, unk
-    c.model.dim = 256
-    c.model.n_layers = 4
-    c.model.n_heads = 8
-    c.model.n_kv_heads = 4
-    c.model.ffn_dim = 704
-    c.model.rope_theta = 10000.0
-    c.model.rope_scaling = "none"
-    c.model.rope_scaling_factor = 1.0
-    # llama3 scaling only (transformers' names: low_freq_factor, high_freq_factor,
-    # original_max_position_embeddings); Llama 3.1's values.
-    c.model.rope_low_freq_factor = 1.0
-    c.model.rope_high_freq_factor = 4.0
-    c.model.rope_original_max_position = 8192
-    c.model.max_position = 0  # 0: no limit checked; otherwise the context the model was built for
-    c.model.norm_eps = 1e-5
-    c.model.tie_embeddings = False
-    c.model.init_std = 0.02
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.model.remat = "full"
-    c.model.mlp_chunk = 512
-    c.model.loss_chunk = 512
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
+    steps: int = 100
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 50
+    keep_checkpoints: int = 3
+    seed: int = 0
+    skip_nonfinite: bool = False  # opt in: skip (and count) steps with a non-finite loss
+    init_from: str = ""  # a local HF LLaMA dir or a ringformer workdir to start from
+    peak_flops: float = 0.0  # per device FLOP/s for MFU; 0 measures a matmul at start-up
 
-    c.attention = ml_collections.ConfigDict()
-    c.attention.impl = "ring"
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(Section):
+    dp: int = 1
+    fsdp: int = -1  # -1: the devices the other axes leave
+    sp: int = 1
+    tp: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Section):
+    train_files: str = "data/stdlib/train.jsonl"  # or a list of paths
+    eval_files: str = "data/stdlib/eval.jsonl"
+    text_field: str = "text"
+    tokenizer: str = "byte"
+    seq_len: int = 2048
+    global_batch_size: int = 8
+    cache_dir: str = ""  # empty: next to the data files
+    # Weighted training sources "FILES:WEIGHT[:TOKENS:REPEAT],..."; empty: train_files alone.
+    sources: str = ""
+    min_doc_tokens: int = 0  # training documents shorter than this are dropped (BOS+text+EOS)
+    max_doc_tokens: int = 0  # ... and longer than this; 0: no limit
+    upsample_long: str = ""  # "TOKENS:REPEAT": repeat documents of TOKENS or more in each epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig(Section):
+    impl: str = "ring"
     # Balanced causal work per ring step: measured 1.1-1.35x faster than contiguous with one
     # device per core (docs/BENCHMARKS.md, `bench.py layout`); the data path applies it once.
-    c.attention.layout = "zigzag"
-    c.attention.q_chunk = 256
-    c.attention.kv_chunk = 256
+    layout: str = "zigzag"
+    q_chunk: int = 256
+    kv_chunk: int = 256
     # Ring backward: send each block's dk/dv one step late so the send overlaps compute, for
     # one more fp32 dk/dv block of memory. auto: on for GPU/TPU meshes, off on CPU (no overlap).
-    c.attention.pipeline_grads = "auto"
+    pipeline_grads: str = "auto"
     # The per-block kernel: "xla" (plain XLA ops, any backend) or "pallas" (fused Triton
     # kernels for GPUs; unmeasured so far, see docs/BENCHMARKS.md, gpu).
-    c.attention.kernel = "xla"
+    kernel: str = "xla"
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 3e-4
-    c.optim.min_lr_ratio = 0.1
-    c.optim.warmup_steps = 10
-    c.optim.schedule = "cosine"
-    c.optim.weight_decay = 0.1
-    c.optim.clip_norm = 1.0
-    c.optim.grad_accum_steps = 1
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.95
-    c.optim.eps = 1e-8
-    return c
+    def __post_init__(self) -> None:
+        check_attention(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(Section):
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0: no clipping
+    grad_accum_steps: int = 1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Section):
+    """Everything the model computes with; frozen (and hashable) so it can be a static jit
+    argument. `config.model` plus `config.attention`, which it holds as `attention`."""
+
+    vocab_size: int = 259  # the byte tokenizer: 256 bytes + pad, eos, unk
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_dim: int = 704
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    # llama3 scaling only (transformers' names: low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); Llama 3.1's values.
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    max_position: int = 0  # 0: no limit checked; otherwise the context the model was built for
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat: str = "full"
+    mlp_chunk: int = 512
+    loss_chunk: int = 512
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+
+    def __post_init__(self) -> None:
+        check_model(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def with_attention(self, **changes: Any) -> ModelConfig:
+        """This config with some attention settings changed (`layout="contiguous"`, ...)."""
+        return dataclasses.replace(self, attention=dataclasses.replace(self.attention, **changes))
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> ModelConfig:
+        """From the full ConfigDict: `config.model` and `config.attention`.
+
+        Keys this class does not know are ignored and missing ones keep their defaults: a run
+        saved before a key existed ran with what is now its default, and must still restore.
+        """
+        kw = {k: v for k, v in dict(config.model).items() if k in cls.defaults()}
+        attn = dict(config.get("attention", {}))
+        kw["attention"] = AttentionConfig(**{k: attn[k] for k in AttentionConfig.defaults() if k in attn})
+        # A model trained past the positions it was built for (a context-extension stage from
+        # an imported LLaMA) supports the context it was trained at.
+        trained = int(config.get("data", {}).get("seq_len", 0))
+        if kw.get("max_position", 0) > 0:
+            kw["max_position"] = max(kw["max_position"], trained)
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """The inverse of `to_dict`; unknown keys are ignored."""
+        kw = {k: v for k, v in d.items() if k in cls.defaults()}
+        attn = dict(d.get("attention") or {})
+        # Backward compatibility, reading only: ModelConfigs written before the attention
+        # settings were nested held them flat under these names.
+        for old, new in _FLAT_ATTENTION_KEYS.items():
+            if old in d and new not in attn:
+                attn[new] = d[old]
+        kw["attention"] = AttentionConfig(**{k: attn[k] for k in AttentionConfig.defaults() if k in attn})
+        return cls(**kw)
+
+
+_FLAT_ATTENTION_KEYS = {"attn_impl": "impl", "attn_layout": "layout", "q_chunk": "q_chunk",
+                        "kv_chunk": "kv_chunk", "attn_pipeline_grads": "pipeline_grads",
+                        "attn_kernel": "kernel"}
+SECTIONS: dict[str, type[Section]] = {"train": TrainConfig, "mesh": MeshConfig, "data": DataConfig,
+                                      "model": ModelConfig, "attention": AttentionConfig,
+                                      "optim": OptimConfig}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every section with every key at its default (the dataclass fields above)."""
+    return ml_collections.ConfigDict({name: cls.defaults() for name, cls in SECTIONS.items()})
+
+
+# ----------------------------------------------------------------------------- rules
 
 
 def _need(cond: bool, what: str, fix: str) -> None:
@@ -115,6 +224,88 @@ def _need(cond: bool, what: str, fix: str) -> None:
 def _choice(value, choices, name: str) -> None:
     _need(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}",
           f"set --config.{name} to one of them")
+
+
+def check_heads(n_heads: int, n_kv_heads: int, *, label: str = "model.") -> None:
+    """Grouped-query attention: each key/value head serves a whole number of query heads."""
+    _need(n_heads % n_kv_heads == 0,
+          f"{label}n_heads={n_heads} is not divisible by {label}n_kv_heads={n_kv_heads}",
+          "choose n_kv_heads that divides n_heads")
+
+
+def check_tp(n_kv_heads: int, tp: int, *, n_heads: int, ffn_dim: int | None = None,
+             label: str = "model.") -> None:
+    """Tensor parallelism splits the key/value heads (so the query heads) and the MLP."""
+    _need(n_kv_heads % tp == 0,
+          f"{label}n_kv_heads={n_kv_heads} (and n_heads={n_heads}) not divisible by mesh.tp={tp}",
+          "choose tp that divides n_kv_heads")
+    _need(ffn_dim is None or ffn_dim % tp == 0,
+          f"{label}ffn_dim={ffn_dim} not divisible by mesh.tp={tp}", "choose tp that divides ffn_dim")
+
+
+def check_batch(batch: int, shards: int, *, label: str = "data.global_batch_size",
+                accum: int | None = None) -> None:
+    """The batch splits evenly over dp x fsdp (and into `accum` microbatches, if given)."""
+    per = "" if accum is None else f" x grad_accum_steps={accum}"
+    _need(batch % (shards * (accum or 1)) == 0,
+          f"{label}={batch} is not divisible by dp*fsdp={shards}{per}",
+          f"use a multiple of {shards * (accum or 1)}")
+
+
+def check_seq(seq_len: int, sp: int, *, label: str = "data.seq_len") -> int:
+    """The sequence splits evenly over the sp ring; returns the tokens per device."""
+    _need(seq_len % sp == 0, f"{label}={seq_len} is not divisible by mesh.sp={sp}",
+          f"use a multiple of {sp}")
+    return seq_len // sp
+
+
+def check_attention(a) -> None:
+    """The attention section alone (a ConfigDict or an AttentionConfig)."""
+    _choice(a.impl, IMPLS, "attention.impl")
+    _choice(a.layout, LAYOUTS, "attention.layout")
+    _choice(a.pipeline_grads, PIPELINE_GRADS, "attention.pipeline_grads")
+    _choice(a.kernel, KERNELS, "attention.kernel")
+    for k in ("q_chunk", "kv_chunk"):
+        _need(getattr(a, k) > 0, f"attention.{k}={getattr(a, k)} must be positive",
+              f"set --config.attention.{k}")
+
+
+def check_model(m) -> None:
+    """The model section alone (a ConfigDict or a ModelConfig): what the model can compute."""
+    _choice(m.remat, REMAT_POLICIES, "model.remat")
+    _choice(m.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
+    _choice(m.dtype, DTYPES, "model.dtype")
+    _choice(m.param_dtype, DTYPES, "model.param_dtype")
+    for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp_chunk",
+              "loss_chunk"):
+        _need(getattr(m, k) > 0, f"model.{k}={getattr(m, k)} must be positive", f"set --config.model.{k}")
+    check_heads(m.n_heads, m.n_kv_heads)
+    _need(m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}",
+          "choose n_heads that divides dim")
+    _need((m.dim // m.n_heads) % 2 == 0, f"head_dim={m.dim // m.n_heads} is odd",
+          "rotary embeddings need an even head_dim")
+    # Each is a divisor or a base in model.py: 0 or less gives inf/NaN, first seen as a
+    # non-finite loss after the compile (and a negative factor runs, with nonsense positions).
+    _need(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive",
+          "set --config.model.rope_theta, e.g. 10000.0")
+    _need(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive",
+          "set --config.model.norm_eps, e.g. 1e-5")
+    if m.rope_scaling != "none":
+        _need(m.rope_scaling_factor > 0,
+              f"model.rope_scaling_factor={m.rope_scaling_factor} must be positive with"
+              f" rope_scaling={m.rope_scaling!r}",
+              "set --config.model.rope_scaling_factor, e.g. 8.0, or model.rope_scaling='none'")
+    if m.rope_scaling == "llama3":
+        lo, hi = m.rope_low_freq_factor, m.rope_high_freq_factor
+        _need(0 < lo < hi, f"model.rope_low_freq_factor={lo} and rope_high_freq_factor={hi} need"
+              " 0 < low < high: llama3 scaling divides by both and by their difference",
+              "use e.g. Llama 3.1's low 1.0, high 4.0")
+        _need(m.rope_original_max_position > 0,
+              f"model.rope_original_max_position={m.rope_original_max_position} must be positive",
+              "set it to the context the model was pre-trained at, e.g. 8192")
+
+
+# ----------------------------------------------------------------------------- whole configs
 
 
 def parse_mesh_flag(text: str) -> dict[str, int]:
@@ -214,7 +405,7 @@ def validate(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int
 def check_config(config) -> None:
     """What `validate` checks without knowing the device count; runs before jax is imported."""
     check_structure(config)
-    t, d, m, a, o = config.train, config.data, config.model, config.attention, config.optim
+    t, d, o = config.train, config.data, config.optim
     _need(t.steps > 0, f"train.steps={t.steps} must be positive", "set --config.train.steps=N with N >= 1")
     for k in ("log_every", "eval_every", "save_every", "keep_checkpoints"):
         _need(t[k] > 0, f"train.{k}={t[k]} must be positive", f"set --config.train.{k} to 1 or more")
@@ -230,82 +421,49 @@ def check_config(config) -> None:
           "use 1 for no accumulation")
     _need(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} is negative", "use 0 to disable clipping")
     _choice(o.schedule, SCHEDULES, "optim.schedule")
-    _choice(a.impl, IMPLS, "attention.impl")
-    _choice(a.layout, LAYOUTS, "attention.layout")
-    _choice(a.get("pipeline_grads", "auto"), PIPELINE_GRADS, "attention.pipeline_grads")
-    _choice(a.get("kernel", "xla"), KERNELS, "attention.kernel")
-    _choice(m.remat, REMAT_POLICIES, "model.remat")
-    _choice(m.rope_scaling, ROPE_SCALINGS, "model.rope_scaling")
-    _choice(m.dtype, DTYPES, "model.dtype")
-    _choice(m.param_dtype, DTYPES, "model.param_dtype")
-
-    for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
-        _need(m[k] > 0, f"model.{k}={m[k]} must be positive", f"set --config.model.{k}")
-    _need(m.n_heads % m.n_kv_heads == 0,
-          f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}",
-          "choose n_kv_heads that divides n_heads")
-    _need(m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}",
-          "choose n_heads that divides dim")
-    _need((m.dim // m.n_heads) % 2 == 0, f"head_dim={m.dim // m.n_heads} is odd",
-          "rotary embeddings need an even head_dim")
-    # Each is a divisor or a base in model.py: 0 or less gives inf/NaN, first seen as a
-    # non-finite loss after the compile (and a negative factor runs, with nonsense positions).
-    _need(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive",
-          "set --config.model.rope_theta, e.g. 10000.0")
-    _need(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive",
-          "set --config.model.norm_eps, e.g. 1e-5")
-    if m.rope_scaling != "none":
-        _need(m.rope_scaling_factor > 0,
-              f"model.rope_scaling_factor={m.rope_scaling_factor} must be positive with"
-              f" rope_scaling={m.rope_scaling!r}",
-              "set --config.model.rope_scaling_factor, e.g. 8.0, or model.rope_scaling='none'")
-    if m.rope_scaling == "llama3":
-        lo, hi = m.rope_low_freq_factor, m.rope_high_freq_factor
-        _need(0 < lo < hi, f"model.rope_low_freq_factor={lo} and rope_high_freq_factor={hi} need"
-              " 0 < low < high: llama3 scaling divides by both and by their difference",
-              "use e.g. Llama 3.1's low 1.0, high 4.0")
-        _need(m.rope_original_max_position > 0,
-              f"model.rope_original_max_position={m.rope_original_max_position} must be positive",
-              "set it to the context the model was pre-trained at, e.g. 8192")
+    check_attention(config.attention)
+    check_model(config.model)
     _need(d.global_batch_size > 0, f"data.global_batch_size={d.global_batch_size} must be positive",
           "set --config.data.global_batch_size to 1 or more")
     _need(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive", "set --config.data.seq_len")
+    check_data_mixture(d)
+
+
+def check_data_mixture(d) -> None:
+    """data.sources, the length filters and up-sampling (parsed by ringformer.data.mixture)."""
+    mixture.parse_sources(d.sources, d.upsample_long)
+    for k in ("min_doc_tokens", "max_doc_tokens"):
+        _need(d[k] >= 0, f"data.{k}={d[k]} is negative", f"set --config.data.{k} to 0 (no limit) or more")
+    _need(not d.max_doc_tokens or d.max_doc_tokens >= d.min_doc_tokens,
+          f"data.max_doc_tokens={d.max_doc_tokens} is below data.min_doc_tokens={d.min_doc_tokens}",
+          "raise data.max_doc_tokens (0: no limit) or lower data.min_doc_tokens")
 
 
 def _check_mesh(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:
     d, m, a, o = config.data, config.model, config.attention, config.optim
     mesh = mesh_shape(config.mesh, n_devices)
-    sp, tp, batch_shards = mesh["sp"], mesh["tp"], mesh["dp"] * mesh["fsdp"]
-    _need(m.n_kv_heads % tp == 0,
-          f"model.n_kv_heads={m.n_kv_heads} (and n_heads={m.n_heads}) not divisible by mesh.tp={tp}",
-          "choose tp that divides n_kv_heads")
-    _need(m.ffn_dim % tp == 0, f"model.ffn_dim={m.ffn_dim} not divisible by mesh.tp={tp}",
-          "choose tp that divides ffn_dim")
-    _need(d.global_batch_size % (batch_shards * o.grad_accum_steps) == 0,
-          f"data.global_batch_size={d.global_batch_size} is not divisible by dp*fsdp={batch_shards}"
-          f" x grad_accum_steps={o.grad_accum_steps}",
-          f"use a multiple of {batch_shards * o.grad_accum_steps}")
-    local = d.seq_len // sp if d.seq_len % sp == 0 else None
-    _need(local is not None, f"data.seq_len={d.seq_len} is not divisible by mesh.sp={sp}",
-          f"use a multiple of {sp}")
-    if a.layout == "zigzag" and sp > 1:
-        _need(local % 2 == 0, f"zigzag layout needs an even block per device, got {local}",
-              f"use a data.seq_len that is a multiple of {2 * sp}")
+    sp, tp = mesh["sp"], mesh["tp"]
+    check_tp(m.n_kv_heads, tp, n_heads=m.n_heads, ffn_dim=m.ffn_dim)
+    check_batch(d.global_batch_size, mesh["dp"] * mesh["fsdp"], accum=o.grad_accum_steps)
+    local = check_seq(d.seq_len, sp)
+    unit = layouts.pieces(a.layout, sp)
+    _need(d.seq_len % unit == 0, f"data.seq_len={d.seq_len} does not split into the {unit} pieces"
+          f" of the {a.layout} layout over mesh.sp={sp}", f"use a data.seq_len that is a multiple of {unit}")
     per_device = local if a.impl == "ring" else d.seq_len
     for k in ("q_chunk", "kv_chunk"):
         c = min(a[k], per_device)
-        _need(c > 0 and per_device % c == 0,
+        _need(per_device % c == 0,
               f"attention.{k}={a[k]} does not divide the {per_device} tokens each device attends over"
               f" (seq_len={d.seq_len}, sp={sp})",
               f"use a chunk that divides {per_device}")
-    if a.get("kernel", "xla") == "pallas":
+    if a.kernel == "pallas":
         _need(a.impl != "dense" and per_device % 128 == 0,
               f"attention.kernel='pallas' needs ring or blockwise attention over a multiple of 128"
               f" tokens per device; this config has impl={a.impl!r} over {per_device}",
               "use attention.kernel='xla' or a data.seq_len giving a multiple of 128 per device")
     for k in ("mlp_chunk", "loss_chunk"):
         c = min(m[k], local)
-        _need(c > 0 and local % c == 0,
+        _need(local % c == 0,
               f"model.{k}={m[k]} does not divide the {local} tokens per device"
               f" (seq_len={d.seq_len}, sp={sp})",
               f"use a chunk that divides {local}")

@@ -23,7 +23,6 @@ statistics are fp32.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Mapping
@@ -39,105 +38,19 @@ from jax.sharding import Mesh
 from ringformer import loss as losses
 from ringformer import sharding
 from ringformer.attention import attention_in_layout
-from ringformer.config import DTYPES, IMPLS, KERNELS, LAYOUTS, PIPELINE_GRADS, REMAT_POLICIES, ROPE_SCALINGS
-from ringformer.errors import ConfigError
+from ringformer.config import AttentionConfig as AttentionConfig
+from ringformer.config import ModelConfig
 from ringformer.ops import layouts
 
 F32 = jnp.float32
 ACT = ("batch", "length", "embed")
 
-_ATTENTION_FIELDS = {"attn_impl": "impl", "attn_layout": "layout", "q_chunk": "q_chunk",
-                     "kv_chunk": "kv_chunk", "attn_pipeline_grads": "pipeline_grads",
-                     "attn_kernel": "kernel"}
 # config.attention.pipeline_grads -> attention's argument (None: decided by the mesh's platform).
 _PIPELINE_GRADS = {"auto": None, "on": True, "off": False}
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Everything the model computes with; frozen so it can be a static jit argument."""
-
-    vocab_size: int = 259
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    ffn_dim: int = 704
-    rope_theta: float = 10000.0
-    rope_scaling: str = "none"  # none | linear | llama3
-    rope_scaling_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0  # llama3 only
-    rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_max_position: int = 8192  # llama3 only: the pre-training context
-    max_position: int = 0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    dtype: str = "bfloat16"
-    param_dtype: str = "float32"
-    remat: str = "full"
-    mlp_chunk: int = 512
-    loss_chunk: int = 512
-    attn_impl: str = "ring"
-    attn_layout: str = "contiguous"
-    q_chunk: int = 256
-    kv_chunk: int = 256
-    attn_pipeline_grads: str = "auto"  # auto | on | off (attention.ring_attention)
-    attn_kernel: str = "xla"  # xla | pallas (attention.ring_attention)
-
-    def __post_init__(self) -> None:
-        def need(cond: bool, what: str, fix: str) -> None:
-            if not cond:
-                raise ConfigError(what, fix)
-
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                     "mlp_chunk", "loss_chunk", "q_chunk", "kv_chunk"):
-            need(getattr(self, name) > 0, f"model {name}={getattr(self, name)} must be positive",
-                 f"set {name} to 1 or more")
-        need(self.dim % self.n_heads == 0, f"dim={self.dim} is not divisible by "
-             f"n_heads={self.n_heads}", "choose n_heads that divides dim")
-        need(self.n_heads % self.n_kv_heads == 0, f"n_heads={self.n_heads} is not divisible by "
-             f"n_kv_heads={self.n_kv_heads}", "choose n_kv_heads that divides n_heads")
-        need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} is odd",
-             "rotary embeddings need an even head_dim")
-        for name, choices in (("rope_scaling", ROPE_SCALINGS), ("remat", REMAT_POLICIES),
-                              ("dtype", DTYPES), ("param_dtype", DTYPES),
-                              ("attn_impl", IMPLS), ("attn_layout", LAYOUTS),
-                              ("attn_pipeline_grads", PIPELINE_GRADS), ("attn_kernel", KERNELS)):
-            need(getattr(self, name) in choices, f"{name}={getattr(self, name)!r} is not one "
-                 f"of {', '.join(choices)}", "pick one of them")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @classmethod
-    def from_config(cls, config) -> ModelConfig:
-        """From the full ConfigDict: `config.model` plus `config.attention` (impl, layout, chunks).
-
-        Keys this class does not know are ignored; missing ones keep their defaults.
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in dict(config.model).items() if k in names}
-        attn = dict(config.get("attention", {}))
-        kw.update({f: attn[k] for f, k in _ATTENTION_FIELDS.items() if k in attn})
-        # A model trained past the positions it was built for (a context-extension stage from
-        # an imported LLaMA) supports the context it was trained at.
-        trained = int(config.get("data", {}).get("seq_len", 0))
-        if kw.get("max_position", 0) > 0:
-            kw["max_position"] = max(kw["max_position"], trained)
-        return cls(**kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# A static pytree node: `jax.eval_shape(init_params, cfg, rng)` passes it through untraced.
+# ModelConfig and AttentionConfig live in ringformer.config (jax-free, with every other
+# setting) and are re-exported here. A static pytree node: `jax.eval_shape(init_params, cfg, rng)` passes it
+# through untraced.
 jax.tree_util.register_static(ModelConfig)
 
 
@@ -338,12 +251,12 @@ def _attention(cfg: ModelConfig, mesh: Mesh | None, x, lp, cos, sin, segment_ids
     k = sharding.constrain(k, ("batch", "length", "kv_heads", "head_dim"), mesh)
     v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"), mesh)
     # Without a mesh there is no ring to pass blocks around: ring is exactly blockwise there.
-    impl = "blockwise" if mesh is None and cfg.attn_impl == "ring" else cfg.attn_impl
+    a = cfg.attention
+    impl = "blockwise" if mesh is None and a.impl == "ring" else a.impl
     o = attention_in_layout(q, k, v, mesh=mesh, impl=impl, causal=True,
-                            segment_ids=segment_ids, q_chunk=cfg.q_chunk,
-                            kv_chunk=cfg.kv_chunk, layout=cfg.attn_layout,
-                            pipeline_grads=_PIPELINE_GRADS[cfg.attn_pipeline_grads],
-                            kernel=cfg.attn_kernel)
+                            segment_ids=segment_ids, q_chunk=a.q_chunk, kv_chunk=a.kv_chunk,
+                            layout=a.layout, pipeline_grads=_PIPELINE_GRADS[a.pipeline_grads],
+                            kernel=a.kernel)
     o = checkpoint_name(o, "attn_out")
     out = jnp.einsum("bshk,hkd->bsd", o, _use(lp["wo"], ("heads", "head_dim", "embed"), dt, mesh))
     return checkpoint_name(out, "o_proj")
@@ -454,12 +367,12 @@ def logits(cfg: ModelConfig, params: dict, tokens, *, mesh: Mesh | None = None,
     if segment_ids is not None:
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
     n_sp = sharding.seq_shards(mesh)
-    lay = cfg.attn_layout if n_sp > 1 else "contiguous"
+    lay = layouts.effective(cfg.attention.layout, n_sp)
     if lay != "contiguous":
         tokens, positions = (layouts.permute(x, lay, n_sp) for x in (tokens, positions))
         if segment_ids is not None:
             segment_ids = layouts.permute(segment_ids, lay, n_sp)
-    run_cfg = dataclasses.replace(cfg, attn_layout=lay)
+    run_cfg = cfg.with_attention(layout=lay)
     if mesh is not None:
         shard = sharding.param_shardings(jax.eval_shape(lambda: params),
                                          param_logical_axes(cfg), mesh)

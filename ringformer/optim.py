@@ -25,33 +25,34 @@ Conventions (the trainer and the tests rely on them):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULES = ("cosine", "linear", "constant")
+from ringformer.config import SCHEDULES, OptimConfig
 
 
-def _cfg(optim_cfg, key: str, default):
-    # ConfigDicts and plain dicts both work; keys added after old configs were written get defaults.
-    try:
-        return optim_cfg[key]
-    except (KeyError, AttributeError):
-        return default
+def _typed(optim_cfg: Mapping | OptimConfig) -> OptimConfig:
+    # Every key is read from the config itself (a missing one is a ConfigError): a fallback
+    # here would be a second default, free to disagree with ringformer.config's.
+    return optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig.from_section(optim_cfg, "optim")
 
 
-def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+def make_schedule(optim_cfg: Mapping | OptimConfig, total_steps: int) -> optax.Schedule:
     """Learning rate as a function of the optimizer step count.
 
     Linear warmup from 0 to `lr` over `warmup_steps`, then, until `total_steps`:
     `cosine` (half a cosine from `lr` down to `lr * min_lr_ratio`), `linear` (a straight line
     to the same end value) or `constant` (`lr`). After `total_steps` the end value is held.
+    `optim_cfg`: the complete `config.optim` section (ConfigDict, dict or OptimConfig).
     """
-    lr = float(optim_cfg["lr"])
-    warmup = int(optim_cfg["warmup_steps"])
-    kind = str(optim_cfg["schedule"])
-    end = lr * float(_cfg(optim_cfg, "min_lr_ratio", 0.0))
+    o = _typed(optim_cfg)
+    lr = float(o.lr)
+    warmup = int(o.warmup_steps)
+    kind = str(o.schedule)
+    end = lr * float(o.min_lr_ratio)
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
     decay_steps = max(1, int(total_steps) - warmup)
@@ -85,23 +86,22 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg: Mapping | OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """`clip_by_global_norm` (if `clip_norm > 0`) followed by AdamW on `make_schedule`.
 
-    Uses `b1`, `b2`, `eps`, `weight_decay` from `optim_cfg` (defaults 0.9, 0.95, 1e-8, 0).
+    Uses `b1`, `b2`, `eps`, `weight_decay` from `optim_cfg`, the complete `config.optim`.
     Moments take the parameters' dtype, so fp32 master weights give fp32 optimizer state.
     No gradient accumulation: see the module docstring (the trainer accumulates).
     """
-    clip = float(_cfg(optim_cfg, "clip_norm", 0.0))
+    o = _typed(optim_cfg)
+    clip = float(o.clip_norm)
     parts = []
     if clip > 0:
         parts.append(optax.clip_by_global_norm(clip))
     parts.append(optax.adamw(
-        learning_rate=make_schedule(optim_cfg, total_steps),
-        b1=float(_cfg(optim_cfg, "b1", 0.9)),
-        b2=float(_cfg(optim_cfg, "b2", 0.95)),
-        eps=float(_cfg(optim_cfg, "eps", 1e-8)),
-        weight_decay=float(_cfg(optim_cfg, "weight_decay", 0.0)),
+        learning_rate=make_schedule(o, total_steps),
+        b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
+        weight_decay=float(o.weight_decay),
         mask=decay_mask,
     ))
     return optax.chain(*parts)

@@ -21,14 +21,15 @@ MESHES = {
     "dp2_sp4": ({"dp": 2, "fsdp": 1, "sp": 4, "tp": 1}, "zigzag"),
     "fsdp2_sp2_tp2": ({"dp": 1, "fsdp": 2, "sp": 2, "tp": 2}, "striped"),
 }
-RUN = dict(dtype="float32", attn_impl="ring", q_chunk=8, kv_chunk=8, mlp_chunk=8, loss_chunk=8)
+RUN = dict(dtype="float32", attention=model.AttentionConfig(impl="ring", q_chunk=8, kv_chunk=8),
+           mlp_chunk=8, loss_chunk=8)
 
 
 def _mesh_and_cfg(name, cfg):
     if MESHES[name] is None:
         return None, cfg
     shape, lay = MESHES[name]
-    return meshlib.make_mesh(shape), dataclasses.replace(cfg, attn_layout=lay)
+    return meshlib.make_mesh(shape), cfg.with_attention(layout=lay)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def _packed_batch(tokens):
 def _loss_and_grads(cfg, params, batch, mesh):
     if mesh is not None:
         n_sp = sharding.seq_shards(mesh)
-        batch = {k: layouts.permute(v, cfg.attn_layout, n_sp) for k, v in batch.items()}
+        batch = {k: layouts.permute(v, cfg.attention.layout, n_sp) for k, v in batch.items()}
         batch = jax.device_put(batch, sharding.batch_sharding(mesh))
         params = jax.device_put(params, sharding.param_shardings(
             jax.eval_shape(lambda: params), model.param_logical_axes(cfg), mesh))
@@ -137,7 +138,7 @@ def test_gradients_agree_across_meshes(llama, tokens, single_device_grads, mesh_
     """`pipeline="on"` runs the accelerators' backward schedule (dk/dv sent a step late);
     `kernel="pallas"` the fused GPU kernels, in Pallas's interpreter."""
     _, cfg, params = llama
-    cfg = dataclasses.replace(cfg, attn_pipeline_grads=pipeline, attn_kernel=kernel)
+    cfg = cfg.with_attention(pipeline_grads=pipeline, kernel=kernel)
     mesh, cfg = _mesh_and_cfg(mesh_name, cfg)
     value, grads = _loss_and_grads(cfg, params, _packed_batch(tokens), mesh)
     ref_value, ref_grads = single_device_grads
@@ -221,8 +222,8 @@ def test_training_step_memory_far_below_full_logits():
     b, s = 1, 16384
     # LLaMA's 32K vocabulary: full logits would be 2000 MiB; everything else is O(s * dim).
     cfg = model.ModelConfig(vocab_size=32000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                            ffn_dim=128, dtype="float32", attn_impl="blockwise", q_chunk=512,
-                            kv_chunk=512, mlp_chunk=512, loss_chunk=256, remat="full")
+                            ffn_dim=128, dtype="float32", mlp_chunk=512, loss_chunk=256, remat="full",
+                            attention=model.AttentionConfig(impl="blockwise", q_chunk=512, kv_chunk=512))
     params = jax.eval_shape(model.init_params, cfg, jax.random.key(0))
     ints = jax.ShapeDtypeStruct((b, s), jnp.int32)
     batch = {"tokens": ints, "targets": ints, "segment_ids": ints, "positions": ints,
@@ -240,11 +241,31 @@ def test_model_config_from_config_and_round_trip():
     c = default_config()
     c.model.dim, c.attention.impl, c.attention.kv_chunk = 128, "blockwise", 64
     cfg = model.ModelConfig.from_config(c)
-    assert (cfg.dim, cfg.attn_impl, cfg.kv_chunk, cfg.vocab_size) == (128, "blockwise", 64, 259)
+    assert (cfg.dim, cfg.vocab_size) == (128, 259)
+    assert (cfg.attention.impl, cfg.attention.kv_chunk) == ("blockwise", 64)
+    assert cfg.attention.layout == c.attention.layout == "zigzag"  # one default for both
     assert hash(cfg) == hash(model.ModelConfig.from_config(c))
     again = model.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
+    with pytest.raises(ConfigError, match=r"attention\.layout='diagonal'"):
+        cfg.with_attention(layout="diagonal")
     with pytest.raises(ConfigError, match="n_kv_heads"):
         dataclasses.replace(cfg, n_kv_heads=3)
     with pytest.raises(ConfigError, match="rope_scaling"):
         dataclasses.replace(cfg, rope_scaling="yarn")
+
+
+def test_model_config_reads_the_flat_attention_keys_of_old_dicts():
+    """ModelConfig dicts written before the attention settings were nested still load."""
+    old = {**{k: v for k, v in model.ModelConfig().to_dict().items() if k != "attention"},
+           "dim": 128, "attn_impl": "blockwise", "attn_layout": "striped", "q_chunk": 64,
+           "kv_chunk": 32, "attn_pipeline_grads": "off", "attn_kernel": "xla"}
+    cfg = model.ModelConfig.from_dict(old)
+    assert cfg.dim == 128
+    assert cfg.attention == model.AttentionConfig(impl="blockwise", layout="striped", q_chunk=64,
+                                                  kv_chunk=32, pipeline_grads="off")
+
+
+def test_model_config_defaults_are_the_config_defaults():
+    """Written once: a ModelConfig built from default_config() is the default ModelConfig."""
+    assert model.ModelConfig.from_config(default_config()) == model.ModelConfig()

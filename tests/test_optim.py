@@ -8,12 +8,15 @@ import numpy as np
 import optax
 import pytest
 
+from ringformer.config import OptimConfig, default_config
+from ringformer.errors import ConfigError
 from ringformer.optim import decay_mask, make_optimizer, make_schedule
 
 
 def cfg(**kw):
-    base = dict(lr=1e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1,
-                clip_norm=0.0, grad_accum_steps=1, b1=0.9, b2=0.95, eps=1e-8)
+    base = dict(default_config().optim)  # complete: optim.py has no defaults of its own
+    base.update(lr=1e-3, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1,
+                clip_norm=0.0)
     base.update(kw)
     return base
 
@@ -119,3 +122,13 @@ def test_first_update_with_warmup_is_zero():
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+
+
+def test_a_partial_config_is_refused_not_filled_in():
+    """No fallbacks: a missing key would otherwise get a second default (once 0.0 where the
+    config's is 0.1)."""
+    partial = {k: v for k, v in cfg().items() if k != "min_lr_ratio"}
+    with pytest.raises(ConfigError, match=r"optim\.min_lr_ratio is missing"):
+        make_optimizer(partial, total_steps=10)
+    typed = OptimConfig.from_section(cfg(), "optim")
+    assert float(make_schedule(typed, 110)(500)) == pytest.approx(1e-4)

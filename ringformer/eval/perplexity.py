@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ringformer import loss as losses
-from ringformer import config, model, sharding
+from ringformer import model, sharding
+from ringformer.config import check_batch
 from ringformer.ops import layouts
 
 
@@ -144,7 +145,7 @@ class Evaluator:
         self.cfg, self.seq_len = eval_model_config(cfg, context, self.n_sp)
         shards = 1 if mesh is None else mesh.shape["dp"] * mesh.shape["fsdp"]
         self.batch_size = batch_size or shards
-        config.check_batch(self.batch_size, shards, label="batch size")
+        check_batch(self.batch_size, shards, label="batch size")
         self.params = self._place_params(params)
         self.perm = layouts.permutation(self.cfg.attention.layout, self.seq_len, self.n_sp)
         self._out = {} if mesh is None else {"out_shardings": sharding.replicated(mesh)}

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import jax
 
-from ringformer import config, model
+from ringformer import model
+from ringformer.config import check_tp
 from ringformer.data.pipeline import document_tokens
 from ringformer.data.sources import resolve_files
 from ringformer.data.tokenizer import Tokenizer, load_tokenizer
@@ -105,7 +106,7 @@ def run(*, data: Sequence[str] | str, context: int, out: str, workdir: str | Non
     cfg, params, own_tok, source = load_model(
         mesh_sizes=sizes, context=context, workdir=workdir, step=step, hf_dir=hf_dir,
         dtype=dtype, allow_longer_context=allow_longer_context)
-    config.check_tp(cfg.n_kv_heads, sizes["tp"], n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim)
+    check_tp(cfg.n_kv_heads, sizes["tp"], n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim)
     tok = _tokenizer(tokenizer or own_tok, cfg, hf_dir)
     plan = _passkey_tasks(tok, context, pk) if pk else None
     docs = _read_documents(data, tok, text_field)

@@ -9,8 +9,8 @@ transformers' conversion script permutes the rows of q_proj/k_proj once so that 
 rotate-half form (x[:k/2], x[k/2:]) applies. HF directories are therefore already in
 rotate-half order, which is what `model.apply_rope` uses, so q/k rows map over unchanged; a
 second permutation here would silently break every position but 0. `save_llama` keeps the
-same order, so an exported directory loads in transformers as is. `interleaved_to_half`
-converts a Meta-native q/k weight if one ever needs importing.
+same order, so an exported directory loads in transformers as is. (Meta-native weights,
+interleaved, would need transformers' convert_llama_weights_to_hf first.)
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from ringformer.config import ModelConfig
 from ringformer.errors import CheckpointError, ConfigError
-from ringformer.model import ModelConfig, param_shapes
+from ringformer.model import param_shapes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -41,7 +42,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     """ModelConfig from a parsed HF `config.json` (transformers 4.x or 5.x spelling).
 
     `overrides` set ModelConfig fields the HF file does not describe (dtype, remat, chunks,
-    attention impl, ...). Raises ConfigError for architectures this model cannot reproduce.
+    `attention=AttentionConfig(...)`, ...). Raises ConfigError for architectures this model cannot reproduce.
     """
     if hf.get("model_type", "llama") != "llama":
         raise ConfigError(f"model_type={hf.get('model_type')!r} is not a LLaMA checkpoint",
@@ -109,14 +110,6 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- tensors
-
-
-def interleaved_to_half(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Permute a Meta-native q/k weight [heads*k, d] (interleaved rotary pairs) into HF's
-    rotate-half row order; what transformers' convert_llama_weights_to_hf does."""
-    out_dim, d = w.shape
-    k = out_dim // n_heads
-    return w.reshape(n_heads, k // 2, 2, d).transpose(0, 2, 1, 3).reshape(out_dim, d)
 
 
 def _reason(e: Exception) -> str:

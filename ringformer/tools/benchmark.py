@@ -67,7 +67,7 @@ def balance(*, seq_len: int = 32768, sp: int = 8, chunk: int = 512) -> dict:
     check_split(seq_len, sp, chunk)
     rows = []
     for name in layouts.LAYOUTS:
-        c = min(chunk, seq_len // sp // 2) if name == "zigzag" else chunk
+        c = min(chunk, layouts.chunk_cap(name, seq_len // sp, sp))
         counts = tile_counts(name, seq_len, sp, c)
         rows.append({"layout": name,
                      "max_over_mean": round(float(counts.max(1).sum() / counts.mean(1).sum()), 4),
@@ -159,8 +159,7 @@ def _attention_grad(mesh, impl: str, layout: str, chunks: tuple[int | None, int 
 
 def _chunks(chunk: int | None, local: int, layout: str, n_sp: int) -> tuple[int, int]:
     """What the kernel runs with for `chunk` (None: its defaults), as reported in the rows."""
-    return chunk_sizes(local, q_chunk=chunk, kv_chunk=chunk,
-                       zigzag_halves=layout == "zigzag" and n_sp > 1)
+    return chunk_sizes(local, q_chunk=chunk, kv_chunk=chunk, layout=layout, n_sp=n_sp)
 
 
 def attention_speed(*, seq: int = 8192, sp: int = 8, heads: int = 8, kv_heads: int = 8,

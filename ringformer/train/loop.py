@@ -31,6 +31,7 @@ from ringformer.data.tokenizer import load_tokenizer
 from ringformer.errors import UserError
 from ringformer.eval import perplexity as evaluate
 from ringformer.mesh import make_mesh
+from ringformer.ops import layouts
 from ringformer.train import checkpoint as ckpt_lib
 from ringformer.train import metrics
 from ringformer.train.state import (
@@ -232,7 +233,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
                         f"set --config.model.vocab_size={tokenizer.vocab_size} or more")
     mesh = make_mesh(config.mesh)
     model_cfg = model.ModelConfig.from_config(config)
-    layout = config.attention.layout if config.attention.impl == "ring" else "contiguous"
+    layout = layouts.effective(model_cfg.attention.layout, sharding.seq_shards(mesh))
     # Data first: bad data is reported before anything is compiled.
     train_iter = data_lib.TrainIterator(cfg_d, tokenizer, mesh, seed=cfg_t.seed, layout=layout)
     eval_set = list(data_lib.eval_batches(cfg_d, tokenizer, mesh, n_batches=cfg_t.eval_batches,

@@ -20,7 +20,8 @@ from ringformer import model
 from ringformer.errors import CheckpointError, ConfigError
 from ringformer.hf import mapping as hf
 
-RUN = dict(dtype="float32", attn_impl="blockwise", q_chunk=16, kv_chunk=16, mlp_chunk=16)
+RUN = dict(dtype="float32", attention=model.AttentionConfig(impl="blockwise", q_chunk=16, kv_chunk=16),
+           mlp_chunk=16)
 
 
 @pytest.fixture(scope="module")

@@ -80,8 +80,8 @@ def test_model_loss_and_gradients_do_not_depend_on_the_layout():
     from ringformer import model
 
     cfg0 = model.ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
-                             ffn_dim=64, dtype="float32", attn_impl="ring", q_chunk=4,
-                             kv_chunk=4, mlp_chunk=8, loss_chunk=8, remat="full")
+                             ffn_dim=64, dtype="float32", mlp_chunk=8, loss_chunk=8, remat="full",
+                             attention=model.AttentionConfig(impl="ring", q_chunk=4, kv_chunk=4))
     params = model.init_params(cfg0, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     b, s, n = 2, 64, 4
@@ -96,7 +96,7 @@ def test_model_loss_and_gradients_do_not_depend_on_the_layout():
     mesh = mesh_of(sp=n, dp=2)
     results = {}
     for name in layout.LAYOUTS:
-        cfg = model.ModelConfig(**{**cfg0.to_dict(), "attn_layout": name})
+        cfg = cfg0.with_attention(layout=name)
         batch = {k: jnp.asarray(layout.permute(v, name, n, axis=1)) for k, v in natural.items()}
         fn = jax.jit(jax.value_and_grad(
             lambda p, bt, cfg=cfg: model.loss_fn(cfg, p, bt, mesh=mesh)[0]))
@@ -107,3 +107,29 @@ def test_model_loss_and_gradients_do_not_depend_on_the_layout():
         assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
             assert rel_err(g, r) <= 1e-5
+
+
+@pytest.mark.parametrize("name,n,effective,pieces,cap", [
+    ("zigzag", 1, "contiguous", 1, 12),  # one device: natural order whatever the config says
+    ("zigzag", 4, "zigzag", 8, 6),  # two pieces a device; chunks within one piece
+    ("striped", 4, "striped", 4, 12),
+    ("contiguous", 4, "contiguous", 4, 12),
+])
+def test_layout_rules(name, n, effective, pieces, cap):
+    assert layout.effective(name, n) == effective
+    assert layout.pieces(name, n) == pieces
+    assert layout.chunk_cap(name, 12, n) == cap
+    layout.check(name, 8 * n, n)
+    if pieces > 1:
+        with pytest.raises(ValueError, match=f"divisible by {pieces}"):
+            layout.check(name, pieces + 1, n)
+
+
+def test_config_is_importable_without_jax():
+    """Scripts size the CPU devices from the config before jax starts; the layout rules the
+    config checks with must not start it either."""
+    import subprocess
+    import sys
+
+    code = "import sys, ringformer.config; sys.exit('jax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -16,14 +16,15 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ringformer.config import default_config
 from ringformer.errors import CheckpointError
 from ringformer.optim import make_optimizer
 from ringformer.train.checkpoint import MARKER, Checkpointer
 
 ROOT = Path(__file__).resolve().parents[2]
 AXES = ("dp", "fsdp", "sp", "tp")
-OPTIM = dict(lr=1e-3, warmup_steps=0, schedule="constant", min_lr_ratio=0.1, weight_decay=0.1,
-             clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8)
+OPTIM = {**default_config().optim, **dict(lr=1e-3, warmup_steps=0, schedule="constant", min_lr_ratio=0.1,
+                                          weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8)}
 
 
 def mesh(dp=1, fsdp=2, sp=4, tp=1):
