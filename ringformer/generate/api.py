@@ -42,6 +42,7 @@ class Result:
     decode_seconds: float
     prefill_tokens: int  # prompt tokens over all rows
     decode_tokens: int  # tokens produced by decode steps over all rows (the first comes from prefill)
+    compile_seconds: float = 0.0
 
 
 def prefill_config(cfg: model.ModelConfig, n_tokens: int, n_sp: int) -> tuple[model.ModelConfig, int]:
@@ -138,6 +139,7 @@ class Generator:
                               "use a tp in --mesh that divides it")
         self.cfg, self.mesh, self.allow_longer = cfg, mesh, allow_longer
         self.params = decode.place_params(cfg, params, mesh)
+        self._programs: dict = {}
 
     def check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         if max_new_tokens < 1:
@@ -169,17 +171,30 @@ class Generator:
         for r, p in enumerate(prompts):
             tokens[r, :len(p)] = p
         t0 = time.perf_counter()
-        cache, logits = decode.prefill(run_cfg, self.params, tokens, lengths, mesh=self.mesh,
-                                       spec=spec)
-        logits.block_until_ready()
+        inputs = decode.prefill_inputs(tokens, lengths, spec, self.mesh)
+        run_prefill = self._compiled(decode.prefill_jit, (run_cfg, spec, self.mesh), self.params,
+                                     *inputs)
+        loop_static = (run_cfg, self.mesh, max_new_tokens, sampling, eos_id, on_tokens)
+        abstract = run_prefill.out_info  # shapes and shardings of (cache, logits)
+        run_loop = self._compiled(decode_loop, loop_static, self.params, *abstract)
         t1 = time.perf_counter()
-        out = decode_loop(run_cfg, self.mesh, max_new_tokens, sampling, eos_id, on_tokens,
-                          self.params, cache, logits)
-        out = np.asarray(out.addressable_data(0))
+        cache, logits = run_prefill(self.params, *inputs)
+        logits.block_until_ready()
         t2 = time.perf_counter()
+        out = np.asarray(run_loop(self.params, cache, logits).addressable_data(0))
+        t3 = time.perf_counter()
         kept = [row[:_first(row, eos_id)] for row in out]
         steps = int((out >= 0).sum(axis=1).max()) - 1
-        return Result(kept, t1 - t0, t2 - t1, int(lengths.sum()), steps * len(prompts))
+        return Result(kept, t2 - t1, t3 - t2, int(lengths.sum()), steps * len(prompts), t1 - t0)
+
+    def _compiled(self, fn, static: tuple, *args):
+        """fn compiled for these static arguments and argument shapes, once per Generator:
+        compiling apart from running keeps compile time out of the measured speeds."""
+        shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args))
+        key = (fn, static, shapes)
+        if key not in self._programs:
+            self._programs[key] = fn.lower(*static, *args).compile()
+        return self._programs[key]
 
 
 def _first(row: np.ndarray, eos_id: int | None) -> int:

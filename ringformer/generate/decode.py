@@ -98,7 +98,8 @@ def _prefill_layer(cfg: model.ModelConfig, mesh: Mesh, cos, sin, x, lp):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "mesh"))
-def _prefill(cfg, spec: CacheSpec, mesh, params, tokens, positions, lengths, last):
+def prefill_jit(cfg, spec: CacheSpec, mesh, params, tokens, positions, lengths, last):
+    """`prefill` on placed inputs (`prefill_inputs`)."""
     dt = jnp.dtype(cfg.dtype)
     x = jnp.take(model._use(params["embed"], ("vocab", "embed"), dt, mesh), tokens, axis=0)
     x = sharding.constrain(x, model.ACT, mesh)
@@ -111,25 +112,30 @@ def _prefill(cfg, spec: CacheSpec, mesh, params, tokens, positions, lengths, las
     return kv_cache.from_prefill(k, v, lengths, spec, mesh), logits
 
 
-def prefill(cfg: model.ModelConfig, params: dict, tokens, lengths, *, mesh: Mesh,
-            spec: CacheSpec) -> tuple[KVCache, jax.Array]:
-    """Run right-padded prompts through the model: (cache, next-token logits [b, vocab] fp32).
-
-    tokens: [b, spec.prefill_len] int32 in natural order, row r's prompt in its first
-    lengths[r] entries (lengths [b], each >= 1); cfg: a prefill config (`prefill_config`);
-    params: placed by `place_params`. Ring attention over sp, the training kernel.
-    """
+def prefill_inputs(tokens, lengths, spec: CacheSpec, mesh: Mesh) -> tuple[jax.Array, ...]:
+    """Host prompts -> `_prefill`'s placed inputs: tokens and positions [b, s] in layout
+    order, lengths [b], and the layout index of each row's last prompt token [b]."""
     tokens = np.asarray(tokens, np.int32)
     lengths = np.asarray(lengths, np.int32)
     b, s = tokens.shape
     perm = kv_cache.slot_tables(CacheSpec(spec.sp, s, 0, spec.layout))[0]
     inv = np.argsort(perm).astype(np.int32)
-    rows = sharding.batch_sharding(mesh)
+    rows, vec = sharding.batch_sharding(mesh), NamedSharding(mesh, P(BATCH))
     put = lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda i: x[i])
-    vec = NamedSharding(mesh, P(BATCH))
-    return _prefill(cfg, spec, mesh, params, put(tokens[:, perm], rows),
-                    put(np.ascontiguousarray(np.broadcast_to(perm, (b, s))), rows),
-                    put(lengths, vec), put(inv[lengths - 1], vec))
+    return (put(np.ascontiguousarray(tokens[:, perm]), rows),
+            put(np.ascontiguousarray(np.broadcast_to(perm, (b, s))), rows),
+            put(lengths, vec), put(inv[lengths - 1], vec))
+
+
+def prefill(cfg: model.ModelConfig, params: dict, tokens, lengths, *, mesh: Mesh,
+            spec: CacheSpec) -> tuple[KVCache, jax.Array]:
+    """Run right-padded prompts through the model: (cache, next-token logits [b, vocab] fp32).
+
+    tokens: [b, spec.prefill_len] int32 in natural order, row r's prompt in its first
+    lengths[r] entries (lengths [b], each >= 1); cfg: a prefill config (`api.prefill_config`);
+    params: placed by `place_params`. Ring attention over sp, the training kernel.
+    """
+    return prefill_jit(cfg, spec, mesh, params, *prefill_inputs(tokens, lengths, spec, mesh))
 
 
 def _lm_head(cfg: model.ModelConfig, params: dict, h, mesh: Mesh):
