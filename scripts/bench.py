@@ -38,7 +38,7 @@ def positive(kind: type):
     return parse
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None):
     p = ArgumentParser(description=__doc__, formatter_class=RawTextHelpFormatter)
     p.add_argument("bench", choices=["memory", "attention", "balance", "layout", "step", "hlo", "gpu"])
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
@@ -54,10 +54,39 @@ def main() -> None:
     p.add_argument("--target", default=None,
                    help="memory, hlo, gpu: compile for this GPU (ringformer/gpu_targets) instead of"
                         " running here; needs jax-cuda12-plugin, not a GPU")
-    a = p.parse_args()
-    sp_given = a.sp
+    a = p.parse_args(argv)
     if a.target and a.bench not in ("memory", "hlo", "gpu"):
         p.error(f"--target applies to memory, hlo and gpu, not {a.bench}")
+    return a
+
+
+def measure(a, sp_given: int | None) -> dict:
+    """The benchmark `a.bench` asks for, with the devices already made."""
+    from ringformer.tools import bench_gpu, bench_step
+    from ringformer.tools import benchmark as b
+
+    kw = {"seq": a.seq} if a.seq else {}
+    if a.bench == "memory":
+        return bench_step.memory(budget_gib=a.budget_gib or (None if a.target else 2.0),
+                                 shape=a.shape or ("1b" if a.target else "small"), target=a.target)
+    if a.bench == "attention":
+        return b.attention_speed(sp=a.sp, chunk=a.chunk, repeats=a.repeats, **kw)
+    if a.bench == "balance":
+        return b.balance(sp=a.sp, chunk=a.chunk or 512, **({"seq_len": a.seq} if a.seq else {}))
+    if a.bench == "layout":
+        return b.layout_speed(sp=a.sp, chunk=a.chunk or 512, repeats=a.repeats, **kw)
+    if a.bench == "step":
+        return bench_step.step_speed(shape=a.shape or "tiny", sp=a.sp, repeats=a.repeats, **kw)
+    if a.bench == "hlo":
+        return b.ring_hlo_report(sp=a.sp, target=a.target, **kw)
+    if a.target:
+        return bench_gpu.gpu_compile(target=a.target, sp=sp_given or 1, **kw)
+    return bench_gpu.gpu_mfu(repeats=a.repeats, **kw)
+
+
+def main() -> None:
+    a = parse_args()
+    sp_given = a.sp
     if a.target:
         # The CUDA plugin only describes the target; this host compiles on its CPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -73,34 +102,15 @@ def main() -> None:
         # kernel alone.
         ensure_cpu_devices(a.sp if a.bench == "attention" else max(8, a.sp))
 
-    from ringformer.tools import bench_gpu, bench_step
-    from ringformer.tools import benchmark as b
+    from ringformer.tools.benchmark import machine
 
-    kw = {"seq": a.seq} if a.seq else {}
-    if a.bench == "memory":
-        out = bench_step.memory(budget_gib=a.budget_gib or (None if a.target else 2.0),
-                                shape=a.shape or ("1b" if a.target else "small"), target=a.target)
-    elif a.bench == "attention":
-        out = b.attention_speed(sp=a.sp, chunk=a.chunk, repeats=a.repeats, **kw)
-    elif a.bench == "balance":
-        out = b.balance(sp=a.sp, chunk=a.chunk or 512, **({"seq_len": a.seq} if a.seq else {}))
-    elif a.bench == "layout":
-        out = b.layout_speed(sp=a.sp, chunk=a.chunk or 512, repeats=a.repeats, **kw)
-    elif a.bench == "step":
-        out = bench_step.step_speed(shape=a.shape or "tiny", sp=a.sp, repeats=a.repeats, **kw)
-    elif a.bench == "hlo":
-        out = b.ring_hlo_report(sp=a.sp, target=a.target, **kw)
-    elif a.target:
-        out = bench_gpu.gpu_compile(target=a.target, sp=sp_given or 1, **kw)
-    else:
-        out = bench_gpu.gpu_mfu(repeats=a.repeats, **kw)
-    out["machine"] = b.machine()
+    out = measure(a, sp_given)
+    out["machine"] = machine()
     out["command"] = "python scripts/bench.py " + " ".join(sys.argv[1:])
     if not a.json:
         for row in out.get("rows", []):
             print("  ".join(f"{k}={v}" for k, v in row.items() if k != "tiles_per_step"))
     print(json.dumps(out))
-
 
 if __name__ == "__main__":
     run_main(main)

@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
+from ringformer.config import parse_mesh_flag  # jax-free: scripts parse --mesh before jax
 from ringformer.errors import ConfigError
-from ringformer.mesh import AXES, make_mesh, parse_mesh_flag
+from ringformer.mesh import AXES, make_mesh
 
 
 def test_axes_and_sizes():

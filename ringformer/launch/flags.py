@@ -1,7 +1,10 @@
-"""Shared entry-point plumbing for scripts: one error path and CPU virtual devices.
+"""The scripts' flags and entry-point plumbing: one error path, --help, CPU virtual devices.
 
 Every script wraps its body in `run_main`, so expected failures end as one line
 `error: <what> (<fix>)` with exit status 2, and `--debug` brings the traceback back.
+Scripts built on a config file (train, eval, convert_hf) use absl flags through
+`parse_flags`; the others use `ArgumentParser`. Both answer --help with exit 0 and spell
+flags with underscores.
 """
 
 from __future__ import annotations
