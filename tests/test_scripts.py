@@ -19,6 +19,7 @@ EXPECTED = {
     "prepare_data.py": ["--out", "--limit", "--passkey_lengths", "--passkey_depths",
                         "--eval_fraction"],
     "bench.py": ["--json", "--seq", "--sp", "--budget_gib", "--target"],
+    "generate.py": ["--workdir", "--hf", "--prompt", "--max_new_tokens", "--temperature"],
 }
 
 
