@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 
 from ringformer import model
-from ringformer.config import check_tp
+from ringformer.config import check_batch, check_tp
 from ringformer.data.pipeline import document_tokens
 from ringformer.data.sources import resolve_files
 from ringformer.data.tokenizer import Tokenizer, load_tokenizer
@@ -147,10 +147,8 @@ def _make_mesh(mesh_sizes: dict | None, context: int,
     sizes = dict(mesh_sizes) if mesh_sizes else default_mesh(jax.device_count(), context)
     mesh = make_mesh(sizes)
     sizes = {a: int(mesh.shape[a]) for a in mesh.axis_names}
-    shards = sizes["dp"] * sizes["fsdp"]
-    if batch_size is not None and batch_size % shards:
-        raise ConfigError(f"--batch {batch_size} is not a positive multiple of dp*fsdp={shards}",
-                          f"use a multiple of {shards}")
+    if batch_size is not None:
+        check_batch(batch_size, sizes["dp"] * sizes["fsdp"], label="--batch")
     return mesh, sizes
 
 
