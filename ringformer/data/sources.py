@@ -256,8 +256,9 @@ def _saved(path: Path, field: str) -> Iterator[Unit]:
                    keep_empty=True)
 
 
-def read_units(path: Path, field: str, *, block: int = BLOCK_BYTES) -> Iterator[Unit]:
+def read_units(path: Path, field: str, *, block: int | None = None) -> Iterator[Unit]:
     """The work units of one resolved path, in order; file-level checks raise here."""
+    block = block or BLOCK_BYTES
     if path.is_dir():
         yield from _saved(path, field)
     elif path.suffix == ".parquet":
