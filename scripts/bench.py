@@ -10,6 +10,7 @@
     python scripts/bench.py hlo --target h100 --json   # ... on 8 H100s, compiled without them
     python scripts/bench.py gpu [--seq 32768] --json   # on a machine with an NVIDIA GPU
     python scripts/bench.py gpu --target h100 [--sp 8 --seq 262144] --json   # compile only
+    python scripts/bench.py data [--sizes 1,4] --json   # tokenized cache and data pipeline
 """
 
 import json
@@ -40,7 +41,8 @@ def positive(kind: type):
 
 def parse_args(argv: list[str] | None = None):
     p = ArgumentParser(description=__doc__, formatter_class=RawTextHelpFormatter)
-    p.add_argument("bench", choices=["memory", "attention", "balance", "layout", "step", "hlo", "gpu"])
+    p.add_argument("bench", choices=["memory", "attention", "balance", "layout", "step", "hlo", "gpu",
+                                     "data"])
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--seq", type=positive(int), default=None, help="sequence length")
     p.add_argument("--sp", type=positive(int), default=None,
@@ -51,13 +53,28 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--chunk", type=positive(int), default=None,
                    help="attention chunk (default: 512; attention: the kernel's, 1024 x 512)")
     p.add_argument("--repeats", type=positive(int), default=3)
+    p.add_argument("--sizes", default="1,4",
+                   help="data: synthetic corpus sizes in GB, comma-separated (default 1,4)")
     p.add_argument("--target", default=None,
                    help="memory, hlo, gpu: compile for this GPU (ringformer/gpu_targets) instead of"
                         " running here; needs jax-cuda12-plugin, not a GPU")
     a = p.parse_args(argv)
+    if a.bench == "data":
+        try:
+            a.sizes = parse_sizes(a.sizes)
+        except ArgumentTypeError as e:
+            p.error(f"--sizes: {e}")
     if a.target and a.bench not in ("memory", "hlo", "gpu"):
         p.error(f"--target applies to memory, hlo and gpu, not {a.bench}")
     return a
+
+
+def parse_sizes(text: str) -> tuple[float, ...]:
+    """`--sizes 0.1,1`: positive GB values."""
+    sizes = tuple(positive(float)(t) for t in text.split(",") if t.strip())
+    if not sizes:
+        raise ArgumentTypeError(f"--sizes {text!r} names no size")
+    return sizes
 
 
 def measure(a, sp_given: int | None) -> dict:
@@ -66,6 +83,10 @@ def measure(a, sp_given: int | None) -> dict:
     from ringformer.tools import benchmark as b
 
     kw = {"seq": a.seq} if a.seq else {}
+    if a.bench == "data":
+        from ringformer.tools import bench_data
+
+        return bench_data.data_bench(sizes=a.sizes)
     if a.bench == "memory":
         return bench_step.memory(budget_gib=a.budget_gib or (None if a.target else 2.0),
                                  shape=a.shape or ("1b" if a.target else "small"), target=a.target)
