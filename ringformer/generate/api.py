@@ -80,8 +80,8 @@ def check_positions(cfg: model.ModelConfig, longest: int, max_new_tokens: int,
                           "--allow_longer_context to generate past it anyway")
 
 
-def _loop_state(sampling, eos_id, on_tokens, logits, out_len):
-    key = jax.random.key(sampling.seed)
+def _loop_state(sampling, eos_id, on_tokens, logits, out_len, seed):
+    key = jax.random.key(seed)
     tok = sample(logits, key, 0, sampling)
     done = jnp.zeros(tok.shape, bool) if eos_id is None else tok == eos_id
     if on_tokens is not None:
@@ -99,11 +99,11 @@ def _callback(on_tokens: OnTokens, step, tokens):
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh", "max_new", "sampling", "eos_id",
                                              "on_tokens"))
 def decode_loop(cfg: model.ModelConfig, mesh: Mesh, max_new: int, sampling: Sampling,
-                eos_id: int | None, on_tokens: OnTokens | None, params, cache, logits):
+                eos_id: int | None, on_tokens: OnTokens | None, params, cache, logits, seed):
     """Sample up to max_new tokens per row from prefill's logits [b, vocab]: [b, max_new] ids,
     -1 after a row finished (EOS, or `on_tokens` said stop). One while_loop; stops early when
-    every row has finished."""
-    key, state = _loop_state(sampling, eos_id, on_tokens, logits, max_new)
+    every row has finished. `seed` is traced (no compile per seed); `sampling.seed` is unused."""
+    key, state = _loop_state(sampling, eos_id, on_tokens, logits, max_new, seed)
 
     def cond(st):
         i, _, _, _, done = st
@@ -174,14 +174,17 @@ class Generator:
         inputs = decode.prefill_inputs(tokens, lengths, spec, self.mesh)
         run_prefill = self._compiled(decode.prefill_jit, (run_cfg, spec, self.mesh), self.params,
                                      *inputs)
-        loop_static = (run_cfg, self.mesh, max_new_tokens, sampling, eos_id, on_tokens)
+        # One program per kind of sampling: the seed is an argument, and greedy is greedy.
+        static = GREEDY if sampling.greedy else dataclasses.replace(sampling, seed=0)
+        loop_static = (run_cfg, self.mesh, max_new_tokens, static, eos_id, on_tokens)
+        seed = jax.device_put(np.int32(sampling.seed), sharding.replicated(self.mesh))
         abstract = run_prefill.out_info  # shapes and shardings of (cache, logits)
-        run_loop = self._compiled(decode_loop, loop_static, self.params, *abstract)
+        run_loop = self._compiled(decode_loop, loop_static, self.params, *abstract, seed)
         t1 = time.perf_counter()
         cache, logits = run_prefill(self.params, *inputs)
         logits.block_until_ready()
         t2 = time.perf_counter()
-        out = np.asarray(run_loop(self.params, cache, logits).addressable_data(0))
+        out = np.asarray(run_loop(self.params, cache, logits, seed).addressable_data(0))
         t3 = time.perf_counter()
         kept = [row[:_first(row, eos_id)] for row in out]
         steps = int((out >= 0).sum(axis=1).max()) - 1
