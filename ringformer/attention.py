@@ -100,7 +100,7 @@ def ring_attention(q, k, v, *, axis_name: str | None = "sp", causal: bool = True
     also runs under a step's compute instead of after it; costs one fp32 dk/dv block of memory.
     Worth it where collectives are asynchronous (GPU, TPU), never on CPU.
     kernel: "xla" (tile sweeps of plain XLA ops, any backend) or "pallas" (one fused Triton
-    kernel per block, `pallas_block`: for GPUs; the local block must be a multiple of 128).
+    kernel per block, `ops/pallas_gpu.py`: for GPUs; the local block must be a multiple of 128).
     interpret: run the Pallas kernels in the interpreter, which works on CPU.
     """
     b, length, h, d = q.shape

@@ -178,7 +178,7 @@ def _backward(q, kv_side, seg, index, out, lse, dout, opts: Options):
 
 
 # ----------------------------------------------------------------------------- fused GPU blocks
-# The same ring with one fused kernel per block (`pallas_block`) instead of XLA tile sweeps:
+# The same ring with one fused kernel per block (`ops/pallas_gpu.py`) instead of XLA tile sweeps:
 # arrays stay in [b, seq, heads, d]; a missing segment array becomes zeros (one document).
 
 
