@@ -25,7 +25,7 @@ from ringformer.attention import attention_in_layout
 from ringformer.errors import UserError
 from ringformer.mesh import make_mesh
 
-GPU_TARGETS = Path(__file__).parent / "gpu_targets"
+GPU_TARGETS = Path(__file__).resolve().parents[1] / "gpu_targets"  # ringformer/gpu_targets/
 
 # Ops that do real work on the device; anything else between a start and its done (tuples,
 # bitcasts, parameters) does not hide a transfer, and neither does a compute op whose result is
