@@ -6,6 +6,7 @@
     python scripts/bench.py balance [--seq 32768] [--sp 8] --json
     python scripts/bench.py layout [--seq 8192] [--sp <cores>] --json   # one device per core
     python scripts/bench.py step [--shape tiny] [--seq 8192] [--sp 8] --json
+    python scripts/bench.py generate [--lengths 1024,4096,16384 --batches 1,8] --json
     python scripts/bench.py hlo --json            # are the ring's permutes asynchronous?
     python scripts/bench.py hlo --target h100 --json   # ... on 8 H100s, compiled without them
     python scripts/bench.py gpu [--seq 32768] --json   # on a machine with an NVIDIA GPU
@@ -21,6 +22,7 @@ from argparse import ArgumentTypeError, RawTextHelpFormatter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ringformer.errors import ConfigError
 from ringformer.launch.flags import ArgumentParser, ensure_cpu_devices, run_main
 
 
@@ -42,7 +44,7 @@ def positive(kind: type):
 def parse_args(argv: list[str] | None = None):
     p = ArgumentParser(description=__doc__, formatter_class=RawTextHelpFormatter)
     p.add_argument("bench", choices=["memory", "attention", "balance", "layout", "step", "hlo", "gpu",
-                                     "data"])
+                                     "data", "generate"])
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--seq", type=positive(int), default=None, help="sequence length")
     p.add_argument("--sp", type=positive(int), default=None,
@@ -58,6 +60,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--target", default=None,
                    help="memory, hlo, gpu: compile for this GPU (ringformer/gpu_targets) instead of"
                         " running here; needs jax-cuda12-plugin, not a GPU")
+    p.add_argument("--lengths", default="1024,4096,16384",
+                   help="generate: prompt lengths, comma-separated (default 1024,4096,16384)")
+    p.add_argument("--batches", default="1,8", help="generate: batch sizes (default 1,8)")
+    p.add_argument("--no_memory", action="store_true", help="generate: skip the longest prompt")
     a = p.parse_args(argv)
     if a.bench == "data":
         try:
@@ -87,6 +93,15 @@ def measure(a, sp_given: int | None) -> dict:
         from ringformer.tools import bench_data
 
         return bench_data.data_bench(sizes=a.sizes)
+    if a.bench == "generate":
+        from ringformer.tools import bench_generate
+
+        try:
+            lengths, batches = ([positive(int)(t) for t in x.split(",")] for x in (a.lengths, a.batches))
+        except ArgumentTypeError as e:
+            raise ConfigError(f"--lengths/--batches: {e}", "pass e.g. --lengths 1024,4096") from None
+        return bench_generate.generate_bench(lengths=lengths, batches=batches, sp=a.sp,
+                                             budget_gib=a.budget_gib or 2.0, memory=not a.no_memory)
     if a.bench == "memory":
         return bench_step.memory(budget_gib=a.budget_gib or (None if a.target else 2.0),
                                  shape=a.shape or ("1b" if a.target else "small"), target=a.target)
