@@ -1,7 +1,9 @@
 """Passkey retrieval scoring: prompts of several lengths x depths, an accuracy table (plots.py draws it).
 
 Prompts come from `ringformer.data.passkey` (the data pipeline's generator). Each prompt is scored
-two ways, both from one teacher-forced forward pass per candidate key:
+two ways from the same teacher-forced scores of its candidate keys; the evaluation tool gets
+them from generation (`ringformer.generate.score`: one prefill per prompt, then each candidate
+fed as a few decode steps from the shared KV cache, instead of a full forward per candidate):
 
 - greedy: the argmax at every answer position, given the true answer's prefix, must be the
   answer token. This is exactly "greedy decoding reproduces the key": if every argmax matches,

@@ -118,8 +118,13 @@ def run(*, data: Sequence[str] | str, context: int, out: str, workdir: str | Non
                   data=[str(d) for d in ([data] if isinstance(data, str) else data)])
     if plan:
         lengths, depths, tasks = plan
+        from ringformer.generate.api import Generator
+        from ringformer.generate.score import continuation_scores
+
+        # One prefill per prompt, its candidates' answers then teacher-forced from the cache.
+        gen = Generator(cfg, params, mesh=mesh, allow_longer=True)
         result["passkey"] = passkey_eval.run_passkey(
-            evaluator.answer_scores, tok, lengths, depths, trials=pk.trials,
+            lambda rows: continuation_scores(gen, rows), tok, lengths, depths, trials=pk.trials,
             n_candidates=pk.candidates, tasks=tasks)
     if lead:
         _write_results(result, out_path)
