@@ -1,4 +1,4 @@
-"""Generate text from a trained run or a local Hugging Face LLaMA (docs/generation.md).
+r"""Generate text from a trained run or a local Hugging Face LLaMA (docs/generation.md).
 
     python scripts/generate.py --workdir runs/tiny --prompt "def main(" --max_new_tokens 64
     python scripts/generate.py --hf HF_DIR --prompt_file prompts.jsonl --temperature 0.8 \
