@@ -130,7 +130,9 @@ class Checkpointer:
     def _step_dirs(self) -> dict[int, Path]:
         if not self.directory.is_dir():
             return {}
-        return {int(p.name): p for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir()}
+        # isascii: str.isdigit() also accepts digits int() cannot parse ('²')
+        return {int(p.name): p for p in self.directory.iterdir()
+                if p.name.isascii() and p.name.isdigit() and p.is_dir()}
 
     def all_steps(self) -> list[int]:
         """Every step directory orbax finished writing, valid or not, oldest first."""
@@ -205,6 +207,7 @@ class Checkpointer:
         """
         self._finish_background()
         step = int(step)
+        checkpoint_tree.check_finite(self.directory, step, state_pytree)
         replaced = None
         reason = self._check(step) if step in self._step_dirs() else None
         # 0: no such step, 1: a valid one, 2: an invalid one (process 0's view, see _agree)
@@ -280,26 +283,25 @@ class Checkpointer:
         self._prune(step)
 
     def _prune(self, newest: int) -> None:
-        """Keep the newest `keep` committed steps up to `newest`; delete older step dirs.
+        """Keep the newest `keep` committed steps up to `newest`; delete older ones.
 
-        Steps above `newest` (left by a run that went further before it was killed) are
-        not touched here. Dead orbax tmp dirs below `newest` are removed too.
+        Only directories provably our own committed checkpoints count and are deleted
+        (`integrity.is_own_checkpoint`); any other number-named directory (a user's, one
+        without a marker, one with files added) is left as it is. Steps above `newest` (left
+        by a run that went further before it was killed) are not touched. Dead orbax tmp
+        dirs below `newest` are removed too.
         """
         dirs = self._step_dirs()
-        committed = sorted((s for s, p in dirs.items() if s <= newest and (p / MARKER).is_file()),
-                           reverse=True)
-        if len(committed) <= self.keep:
-            cutoff = None
-        else:
-            cutoff = committed[self.keep - 1]
-        for s, p in dirs.items():
-            if cutoff is not None and s < cutoff:
-                (p / MARKER).unlink(missing_ok=True)  # first, so a half-deleted dir is never valid
-                shutil.rmtree(p)
-                self._verdicts.pop(s, None)
+        committed = sorted((s for s, p in dirs.items()
+                            if s <= newest and integrity.is_own_checkpoint(p, s)), reverse=True)
+        for s in committed[self.keep:]:
+            p = dirs[s]
+            (p / MARKER).unlink(missing_ok=True)  # first, so a half-deleted dir is never valid
+            shutil.rmtree(p)
+            self._verdicts.pop(s, None)
         for p in self.directory.glob(f"*{TMP_SUFFIX}*"):
             head = p.name.split(TMP_SUFFIX)[0]
-            if head.isdigit() and int(head) < newest and p.is_dir():
+            if head.isascii() and head.isdigit() and int(head) < newest and p.is_dir():
                 shutil.rmtree(p)
 
     def _orbax_failed(self) -> None:

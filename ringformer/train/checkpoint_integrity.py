@@ -90,3 +90,28 @@ def why_invalid(step_dir: Path, *, verify_checksums: bool = True) -> str | None:
             if crc32(step_dir / rel) != crc:
                 return f"file {rel} does not match its checksum (damaged)"
     return None
+
+
+def is_own_checkpoint(step_dir: Path, step: int) -> bool:
+    """Whether `step_dir` is provably a checkpoint this code committed as `step`: a real
+    directory (not a link) whose COMMITTED marker names `step` and lists exactly the files
+    in it, at their sizes. Only such a directory may be deleted: a directory a user named
+    with a number, or added files to, is not ours to delete."""
+    if step_dir.is_symlink() or not step_dir.is_dir():
+        return False
+    try:
+        marker = json.loads((step_dir / MARKER).read_text())
+        files = {rel: int(size) for rel, (size, _) in marker["files"].items()}
+        if marker.get("format") != 1 or marker.get("step") != step:
+            return False
+        found = {}
+        for root, dirs, names in os.walk(step_dir):
+            if any(Path(root, d).is_symlink() for d in dirs):
+                return False
+            for name in names:
+                rel = (Path(root) / name).relative_to(step_dir).as_posix()
+                if rel not in (MARKER, MARKER + ".tmp"):
+                    found[rel] = (Path(root) / name).lstat().st_size
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return found == files

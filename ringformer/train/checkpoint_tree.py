@@ -71,3 +71,27 @@ def check_fits(directory: Path, step: int, saved: Signature, abstract_state: Any
         raise CheckpointError(
             f"checkpoint step {step} in {directory} was written by a different {what} config:"
             f" {'; '.join(problems[:3])}{more}", f"{fix}, or use a fresh --workdir")
+
+
+@jax.jit
+def _finite_leaves(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.numpy.all(jax.numpy.isfinite(x))
+                        if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact) else True, tree)
+
+
+def check_finite(directory: Path, step: int, tree: Any) -> None:
+    """Raise CheckpointError if a float leaf of `tree` holds inf or NaN.
+
+    A resume restores the newest valid checkpoint, so a non-finite one saved once would be
+    the "last good" state of every later run; whatever produced it (a diverged update, a
+    damaged init_from), it is never written.
+    """
+    flags = jax.device_get(_finite_leaves(tree))
+    bad = [_leaf_name(p) for p, ok in jax.tree_util.tree_flatten_with_path(flags)[0] if not ok]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"the state at step {step} holds non-finite values ({', '.join(bad[:3])}{more});"
+            f" it was not saved in {directory}",
+            "lower optim.lr or check the data and train.init_from; the checkpoints already in"
+            " the workdir are kept")

@@ -340,3 +340,40 @@ def test_sigkill_during_async_write_resumes_from_previous(tmp_path):
         ck.save(2, {"w": jnp.zeros(4)}, data_state={"pos": 2}, config_json={})
         ck.wait()
         assert ck.latest_valid_step() == 2
+
+
+def test_pruning_deletes_only_its_own_committed_checkpoints(tmp_path):
+    """Number-named directories that are not provably ours (a user's files, a step without
+    its marker, a checkpoint someone added a file to) survive keep-N byte for byte."""
+    ckdir = tmp_path / "checkpoints"
+    ckdir.mkdir()
+    (ckdir / "1").mkdir()
+    (ckdir / "1" / "photo.jpg").write_bytes(b"\xff\xd8 not a checkpoint")
+    (ckdir / "2").mkdir()
+    (ckdir / "2" / MARKER).write_text('{"format": 1, "step": 2, "files": {}}')
+    (ckdir / "2" / "notes.txt").write_text("a marker that does not list this file")
+    state = make_state(mesh())
+    with Checkpointer(tmp_path, keep=1, async_save=False) as ck:
+        save(ck, 3, state)
+        (ckdir / "3" / "added.txt").write_text("mine")  # no longer provably a checkpoint
+        save(ck, 4, state)
+        save(ck, 5, state)
+    assert (ckdir / "1" / "photo.jpg").read_bytes() == b"\xff\xd8 not a checkpoint"
+    assert (ckdir / "2" / "notes.txt").read_text() == "a marker that does not list this file"
+    assert (ckdir / "3" / "added.txt").read_text() == "mine"
+    assert not (ckdir / "4").exists() and (ckdir / "5" / MARKER).is_file()
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    """Whatever produced it, a state holding inf or NaN is refused before anything is written:
+    otherwise it becomes the "last good checkpoint" every resume falls back to."""
+    state = make_state(mesh())
+    with Checkpointer(tmp_path, keep=3, async_save=False) as ck:
+        save(ck, 1, state)
+        before = listing(tmp_path)
+        bad = {**state, "params": {**state["params"], "embed": state["params"]["embed"] * jnp.nan}}
+        with pytest.raises(CheckpointError, match=r"state at step 2 holds non-finite values "
+                                                  r"\(params\.embed\)"):
+            save(ck, 2, bad)
+        assert listing(tmp_path) == before
+        assert ck.latest_valid_step() == 1
