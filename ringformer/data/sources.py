@@ -25,6 +25,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -116,7 +117,9 @@ def resolve_files(files: str | Path | Sequence[str | Path]) -> list[Path]:
             if not matches:
                 raise DataError(f"no files match {entry!r}", _FIX_PATHS, setting=FILES_SETTING)
         elif not os.path.exists(entry):
-            raise DataError(f"data file {entry} does not exist", _FIX_PATHS, setting=FILES_SETTING)
+            what = ("is a link to nothing (or a symlink loop)" if os.path.lexists(entry)
+                    else "does not exist")
+            raise DataError(f"data file {entry} {what}", _FIX_PATHS, setting=FILES_SETTING)
         else:
             matches = [entry]
         for m in matches:
@@ -131,10 +134,35 @@ def resolve_files(files: str | Path | Sequence[str | Path]) -> list[Path]:
     seen: set[Path] = set()
     unique = []
     for p in paths:
+        _check_readable(p)
         if p.resolve() not in seen:
             seen.add(p.resolve())
             unique.append(p)
     return unique
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _check_readable(p: Path) -> None:
+    """A data path is a directory or a regular file: a FIFO or device may never yield (the
+    reader would wait forever) or never end."""
+    try:
+        mode = os.stat(p).st_mode
+    except (OSError, ValueError) as e:
+        raise _read_error(p, e) from None
+    kind = next((k for test, k in _KINDS if test(mode)), None)
+    if kind is not None:
+        raise DataError(f"data file {p} is {kind}, not a regular file",
+                        "copy the data into a regular file and pass that", setting=FILES_SETTING)
+
+
+def _read_error(p: Path | str, e: BaseException) -> DataError:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return DataError(f"cannot read data file {p}: {why}",
+                     "check that it exists, is readable, and is not a link loop",
+                     setting=FILES_SETTING)
 
 
 # --------------------------------------------------------------------------- reading units
@@ -186,8 +214,8 @@ def _json_array(path: Path, field: str, raw: bytes) -> Unit:
     text, replaced = _decode(raw, True)
     try:
         records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})",
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}:{_json_problem(e)}",
                         "fix the file so it parses as a JSON array") from None
     docs = [_record(r, path, f"[{i}]", field) for i, r in enumerate(records)]
     return Unit(str(path), field, texts=docs, replaced=replaced)
@@ -259,17 +287,20 @@ def _saved(path: Path, field: str) -> Iterator[Unit]:
 def read_units(path: Path, field: str, *, block: int | None = None) -> Iterator[Unit]:
     """The work units of one resolved path, in order; file-level checks raise here."""
     block = block or BLOCK_BYTES
-    if path.is_dir():
-        yield from _saved(path, field)
-    elif path.suffix == ".parquet":
-        yield from _parquet(path, field)
-    elif path.suffix == ".txt":
-        raw = path.read_bytes()
-        if not raw.strip():
-            raise _empty_file(path)
-        yield Unit(str(path), field, raw=raw, line=0)  # line 0: the whole file is one text
-    else:
-        yield from _json_lines(path, field, block)
+    try:
+        if path.is_dir():
+            yield from _saved(path, field)
+        elif path.suffix == ".parquet":
+            yield from _parquet(path, field)
+        elif path.suffix == ".txt":
+            raw = path.read_bytes()
+            if not raw.strip():
+                raise _empty_file(path)
+            yield Unit(str(path), field, raw=raw, line=0)  # line 0: the whole file is one text
+        else:
+            yield from _json_lines(path, field, block)
+    except OSError as e:  # EIO, EISDIR, a file removed or replaced while read, ...
+        raise _read_error(path, e) from None
 
 
 # --------------------------------------------------------------------------- parsing units
@@ -321,6 +352,17 @@ def _clean(text: str) -> tuple[str, int]:
         return fixed, fixed.count("?") - text.count("?")
 
 
+def _json_problem(e: BaseException, lineno: int | None = None) -> str:
+    """`LINE: why` of a JSON value Python cannot parse: a syntax error, nesting deeper than
+    the parser recurses, an integer longer than Python converts."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.lineno if lineno is None else lineno}: invalid JSON ({e.msg}, column {e.colno})"
+    where = 1 if lineno is None else lineno
+    if isinstance(e, RecursionError):
+        return f"{where}: JSON nested too deeply to parse"
+    return f"{where}: unreadable JSON value ({str(e).splitlines()[0]})"
+
+
 def _parse_lines(unit: Unit) -> Parsed:
     text, replaced = _decode(unit.raw, unit.line == 1)
     out = Parsed(replaced=replaced)
@@ -329,8 +371,8 @@ def _parse_lines(unit: Unit) -> Parsed:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{unit.path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})",
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{unit.path}:{_json_problem(e, lineno)}",
                             "fix or delete that line; each line must be one JSON object"
                             ) from None
         rec = _record(obj, unit.path, f":{lineno}", unit.field)
