@@ -19,6 +19,7 @@ from typing import Any, Self
 
 import ml_collections
 
+from ringformer import limits
 from ringformer.data import mixture
 from ringformer.errors import ConfigError
 from ringformer.ops import layouts
@@ -394,6 +395,8 @@ def check_structure(config) -> None:
     unknown = sorted(set(config) - set(defaults))
     _need(not unknown, f"unknown config section {unknown[0] if unknown else ''!r}",
           f"use only the sections {', '.join(defaults)}")
+    # inf, NaN and sizes past int32 pass the type check but break deep inside jax or optax.
+    limits.check_values(config)
 
 
 def validate(config: ml_collections.ConfigDict, n_devices: int) -> dict[str, int]:

@@ -507,7 +507,7 @@ def test_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(home, 
     runner.write_text(NAN_AT_STEP_RUNNER)
     proc = train(workdir, "--config.train.save_every=1", data=GOOD.format(home=home),
                  script=(str(runner), "4"))
-    assert_user_error(proc, "non-finite loss or gradient norm at step 4 (loss=nan",
+    assert_user_error(proc, "non-finite loss, gradient norm or update at step 4 (loss=nan",
                       "the last good checkpoint is kept", "train.skip_nonfinite=True")
     # Steps 1-3 are the trained run's, each was saved; nothing at or after step 4 was.
     logged = {r["step"]: r["loss"] for r in rows(workdir)}

@@ -24,7 +24,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from ringformer import model, optim, sharding
+from ringformer import limits, model, optim, sharding
 from ringformer.config import validate
 from ringformer.data import pipeline as data_lib
 from ringformer.data.tokenizer import load_tokenizer
@@ -61,6 +61,12 @@ def _microbatches(batch: dict, accum: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_train_step(model_cfg: model.ModelConfig, tx: optax.GradientTransformation, mesh,
                     *, grad_accum_steps: int = 1, skip_nonfinite: bool = False):
     """The pure step. Gradients are of the token-summed loss over all microbatches, divided by
@@ -87,7 +93,9 @@ def make_train_step(model_cfg: model.ModelConfig, tx: optax.GradientTransformati
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A finite loss and gradient can still give a non-finite update (an lr of inf, a
+        # moment overflowing): the new state itself must be finite to be kept.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, opt_state))
         # A non-finite update is never applied: either the step is skipped (opt-in) or the
         # host stops the run, and in both cases the state stays the last good one.
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -104,8 +112,12 @@ def make_train_step(model_cfg: model.ModelConfig, tx: optax.GradientTransformati
 class _StopSignal:
     """SIGTERM/SIGINT ask for a checkpoint at the current step and a clean exit (preemption)."""
 
-    def __init__(self):
+    def __init__(self, armed: bool = True):
         self.received: int | None = None
+        # Unarmed (reading data, restoring, compiling) there is no step to save: a signal
+        # stops at once instead of waiting, unseen, behind a read that may never return.
+        self.armed = armed
+        self._own = 0
         self._old = {}
 
     def __enter__(self):
@@ -114,6 +126,11 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, frame):
+        self._own += 1
+        if not self.armed or self._own > 1:
+            # A second signal means the first one's save is not coming (the loop is stuck,
+            # e.g. in a read): stop as the default SIGINT handler would.
+            raise KeyboardInterrupt
         self.received = signum
 
     def agreed(self) -> bool:
@@ -145,12 +162,13 @@ class _StopSignal:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Train `config` in `workdir`, resuming from its latest checkpoint; returns the last metrics."""
     validate(config, jax.device_count())
+    limits.check_fits(config)  # a size typo must not end as an OOM with a half-made workdir
     lead = jax.process_index() == 0
     created = missing_dirs(workdir)
     workdir = prepare_workdir(workdir)
     # One lock per run: process 0 holds it for all of them (they share the workdir).
     lock = WorkdirLock(workdir) if lead else contextlib.nullcontext()
-    with lock, _StopSignal() as stop:
+    with lock, _StopSignal(armed=False) as stop:
         try:
             return _train(config, workdir, stop)
         except BaseException:
@@ -185,6 +203,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: _StopSignal) 
 
     last: dict[str, Any] = {"step": start}
     step = start
+    stop.armed = True  # from here a signal asks for a save at the current step
     try:
         while step < config.train.steps and not stop.agreed():
             state, m = step_fn(state, next(run.train_iter))
@@ -333,7 +352,7 @@ class _MetricWindow:
             self.steps.append({"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"])})
             return
         if not self._count_skipped:
-            raise UserError(f"non-finite loss or gradient norm at step {step} "
+            raise UserError(f"non-finite loss, gradient norm or update at step {step} "
                             f"(loss={m['loss']}, grad_norm={m['grad_norm']})",
                             "lower optim.lr or check the data; the last good checkpoint "
                             "is kept, or set train.skip_nonfinite=True to skip such steps")

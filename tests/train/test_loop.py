@@ -414,3 +414,55 @@ def test_a_signal_during_the_stop_flag_exchange_counts_at_the_next_step(monkeypa
     assert not stop.agreed()
     monkeypatch.setattr(multihost_utils, "process_allgather", lambda flag: np.array([flag, 0]))
     assert stop.agreed() and stop.received == signal.SIGTERM
+
+
+def test_an_update_that_overflows_is_never_applied():
+    """The issue's serious case: loss and gradient finite, the update not (an lr of inf).
+    The step keeps the old state and reports the step as non-finite, so the host stops (or
+    skips) before a save; before, the NaN parameters were kept and checkpointed."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from ringformer.config import ModelConfig
+    from ringformer.mesh import make_mesh
+    from ringformer.train import loop as train
+    from ringformer.train.state import init_state
+
+    config = smoke_config()
+    config.mesh.update(dp=1, fsdp=8, sp=1, tp=1)
+    config.attention.layout = "contiguous"
+    cfg, mesh = ModelConfig.from_config(config), make_mesh(config.mesh)
+    tx = optax.chain(optax.scale_by_adam(), optax.scale(-float("inf")))
+    state = init_state(cfg, tx, mesh, seed=0)
+    tokens = jnp.arange(8 * 32, dtype=jnp.int32).reshape(8, 32) % 200
+    batch = {"tokens": tokens, "targets": tokens, "loss_mask": jnp.ones_like(tokens, jnp.float32),
+             "positions": jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), (8, 32)),
+             "segment_ids": jnp.ones_like(tokens)}
+    before = jax.device_get(state.params)
+    for skip in (False, True):
+        new, m = jax.jit(train.make_train_step(cfg, tx, mesh, skip_nonfinite=skip))(state, batch)
+        assert bool(jnp.isfinite(m["loss"])) and bool(jnp.isfinite(m["grad_norm"]))
+        assert not bool(m["finite"])
+        assert int(new.step) == (1 if skip else 0)
+        for a, b in zip(jax.tree.leaves(jax.device_get(new.params)), jax.tree.leaves(before),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_signals_are_never_swallowed():
+    """Before the loop (reading data, compiling) there is no step to save: a signal stops at
+    once (a read that never returns once hid SIGTERM and Ctrl-C). In the loop the first asks
+    for a save at the current step; a second, when that save is not coming, stops at once."""
+    from ringformer.train import loop as train
+
+    with train._StopSignal(armed=False) as stop, pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    assert stop.received is None
+    with train._StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
