@@ -16,6 +16,7 @@ interleaved, would need transformers' convert_llama_weights_to_hf first.)
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ from safetensors.numpy import save_file
 
 from ringformer.config import ModelConfig
 from ringformer.errors import CheckpointError, ConfigError
+from ringformer.limits import FLOAT32_MAX, INT32_MAX
 from ringformer.model import param_shapes
 
 INDEX = "model.safetensors.index.json"
@@ -36,6 +38,28 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtype
 
 
 # ----------------------------------------------------------------------------- config
+
+
+# Fields that are sizes or divisors: 0, negative, non-finite or past int32 cannot build a
+# model (zero heads divides by zero, theta 0 gives NaN rotations), whatever tool reads them.
+_POSITIVE = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+             "intermediate_size", "vocab_size", "head_dim", "rms_norm_eps", "rope_theta")
+_ROPE_POSITIVE = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                  "original_max_position_embeddings")
+
+
+def _check_numbers(hf: dict[str, Any], rope: dict[str, Any]) -> None:
+    fields = [(k, hf[k]) for k in _POSITIVE if hf.get(k) is not None]
+    fields += [(f"rope {k}", rope[k]) for k in _ROPE_POSITIVE if rope.get(k) is not None]
+    if hf.get("max_position_embeddings") not in (None, 0):
+        fields.append(("max_position_embeddings", hf["max_position_embeddings"]))
+    for key, v in fields:
+        ok = (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+              and 0 < v <= (INT32_MAX if isinstance(v, int) else FLOAT32_MAX))
+        if not ok:
+            raise ConfigError(f"config.json {key}={v!r} is not a positive finite number",
+                              "the directory's config.json is damaged or not a usable LLaMA:"
+                              " fix it or use another checkpoint")
 
 
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
@@ -53,14 +77,15 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise ConfigError(f"{flag}=true is not supported", "use a LLaMA without biases")
+    # transformers 5 nests rope under rope_parameters; 4.x has rope_theta + rope_scaling.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    _check_numbers(hf, rope)
     dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim") or dim // heads
     if head_dim * heads != dim:
         raise ConfigError(f"head_dim={head_dim} x num_attention_heads={heads} != "
                           f"hidden_size={dim}", "only head_dim = hidden_size / heads is supported")
 
-    # transformers 5 nests rope under rope_parameters; 4.x has rope_theta + rope_scaling.
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = rope.get("rope_type", rope.get("type", "default")) or "default"
     max_pos = int(hf.get("max_position_embeddings", 0) or 0)

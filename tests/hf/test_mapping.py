@@ -259,3 +259,22 @@ def test_convert_export_refuses_bad_paths_and_changes_nothing(checkpoints, tmp_p
                              str(tmp_path / "o")), "does not exist")
     assert _files(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "run"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_attention_heads", 0), ("num_key_value_heads", 0), ("hidden_size", -64),
+    ("num_hidden_layers", 0), ("intermediate_size", 0), ("vocab_size", 2**40),
+    ("rope_theta", 0), ("rope_theta", float("inf")), ("rms_norm_eps", float("nan")),
+    ("head_dim", 0), ("vocab_size", True), ("rope_theta", "10000"),
+])
+def test_degenerate_hf_configs_are_refused_by_every_reader(tmp_path, field, value):
+    """read_config is what eval, generate, convert_hf and train.init_from read an HF directory
+    with: a degenerate number (zero heads divided by zero, theta 0 gave NaN) is one
+    ConfigError naming the field, before any weight is read."""
+    cfg = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 128,
+           "vocab_size": 300, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, field: value}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=re.escape(f"config.json {field}={value!r} is not a "
+                                                    "positive finite number")):
+        hf.read_config(str(tmp_path))
