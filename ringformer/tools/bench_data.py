@@ -90,11 +90,26 @@ def _measure_size(gb: float, root: Path, batches: int) -> dict:
             "peak_rss_gib": round(child["peak_rss_gib"], 3)}
 
 
+def check_disk(gb: float, where: str) -> None:
+    """The largest corpus and its token cache (uint16: two bytes a byte) must fit the free disk
+    at `where`; otherwise the benchmark fills the disk minutes in and fails there."""
+    from ringformer.errors import ConfigError
+
+    need, free = 3 * gb * 1e9, shutil.disk_usage(where).free
+    if need > free:
+        raise ConfigError(f"--sizes {gb:g} needs at least {need / 1e9:.1f} GB of free disk in {where}"
+                          f" for the corpus and its cache, but it has {free / 1e9:.1f} GB",
+                          "use smaller --sizes, or set TMPDIR to a larger disk")
+
+
 def data_bench(sizes: tuple[float, ...] = (1.0, 4.0), batches: int = 150,
                tmp_dir: str | None = None) -> dict:
     """One row per corpus size (see the module doc), with the core count the build used."""
     from ringformer.data.cache_build import default_workers
+    from ringformer.tools.benchmark import check_positive
 
+    check_positive(sizes=min(sizes), batches=batches)
+    check_disk(max(sizes), tmp_dir or tempfile.gettempdir())
     rows = []
     with tempfile.TemporaryDirectory(prefix="ringformer-bench-data-", dir=tmp_dir) as tmp:
         for gb in sizes:

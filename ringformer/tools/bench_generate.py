@@ -21,6 +21,7 @@ from ringformer import model
 from ringformer.generate import api, decode
 from ringformer.generate import cache as kv_cache
 from ringformer.mesh import make_mesh
+from ringformer.tools import benchmark
 
 SHAPE = dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048,
              tie_embeddings=True, dtype="float32")
@@ -100,11 +101,23 @@ def longest_prompt(cfg: model.ModelConfig, sp: int, budget: int, unit: int = 102
     return lo
 
 
+def check_fits(cfg: model.ModelConfig, length: int, batch: int, new_tokens: int) -> None:
+    """Refuse prompts whose token lists and KV cache alone exceed this machine's memory, before
+    the parameters are built (a lower bound: Python ints of the prompts, the float32 cache)."""
+    benchmark.check_positive(lengths=length, batches=batch)
+    tokens = batch * (length + new_tokens)
+    cache = 2 * cfg.n_layers * tokens * cfg.n_kv_heads * cfg.head_dim * 4
+    benchmark.check_fits_in_memory(36 * batch * length + cache, "generate", length,
+                                   sizes=f"--lengths {length} x --batches {batch}")
+
+
 def generate_bench(*, lengths: Sequence[int] = (1024, 4096, 16384), batches: Sequence[int] = (1, 8),
                    sp: int = 8, new_tokens: int = NEW_TOKENS, budget_gib: float = 2.0,
                    memory: bool = True, compare: bool = True) -> dict:
     """The table of docs/BENCHMARKS.md (generate): speeds per (length, batch), then memory."""
+    benchmark.check_positive(sp=sp, new_tokens=new_tokens, budget_gib=budget_gib)
     cfg = bench_config()
+    check_fits(cfg, max(lengths), max(batches), new_tokens)
     params = model.init_params(cfg, jax.random.key(0))
     gen = api.Generator(cfg, params, mesh=_mesh(sp))
     rng = np.random.default_rng(0)

@@ -65,6 +65,9 @@ def balance(*, seq_len: int = 32768, sp: int = 8, chunk: int = 512) -> dict:
     steps of the per-step maximum; `max_over_mean` divides it by the sum of per-step means.
     """
     check_split(seq_len, sp, chunk)
+    # The permuted token indices, and one [chunks, chunks] comparison per (step, device).
+    tiles = seq_len // sp // min(chunk, seq_len // sp)
+    check_fits_in_memory(3 * 8 * seq_len + 2 * tiles * tiles, "balance", seq_len)
     rows = []
     for name in layouts.LAYOUTS:
         c = min(chunk, layouts.chunk_cap(name, seq_len // sp, sp))
@@ -107,14 +110,16 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits_in_memory(need: float, bench: str, seq: int) -> None:
+def check_fits_in_memory(need: float, bench: str, seq: int, *, sizes: str = "") -> None:
     """A --seq whose arrays alone exceed this machine's memory would end in a MemoryError or
-    the OOM killer after minutes; `need` is a lower bound, so a size that fits is never refused."""
+    the OOM killer after minutes; `need` is a lower bound, so a size that fits is never refused.
+    `sizes` names the flags when they are not --seq (e.g. generate's --lengths x --batches)."""
     have = available_memory()
     if need > have:
-        raise ConfigError(f"--seq {seq} needs at least {need / 2**30:.1f} GiB for the {bench} "
+        sizes = sizes or f"--seq {seq}"
+        raise ConfigError(f"{sizes} needs at least {need / 2**30:.1f} GiB for the {bench} "
                           f"benchmark's arrays, but this machine has {have / 2**30:.1f} GiB available",
-                          "use a smaller --seq")
+                          f"use a smaller {sizes.split()[0]}")
 
 
 def check_split(seq: int, sp: int, chunk: int | None = None) -> None:

@@ -155,3 +155,21 @@ def test_bad_sizes_are_refused_in_process(monkeypatch):
         benchmark.layout_speed(seq=8192, sp=2, chunk=512)
     with pytest.raises(ConfigError, match="for the step benchmark"):
         bench_step.step_speed(shape="tiny", seq=512, sp=2)
+
+
+def test_every_benchmark_refuses_sizes_this_machine_cannot_hold(monkeypatch):
+    """balance, generate and data used to start allocating (or writing) whatever they were
+    asked for, as only step, attention and layout checked; each now refuses first."""
+    from ringformer.errors import ConfigError
+    from ringformer.tools import bench_data, bench_generate
+
+    monkeypatch.setattr(benchmark, "available_memory", lambda: 2**20)
+    with pytest.raises(ConfigError, match=r"--seq 1048576 needs at least .* for the balance"):
+        benchmark.balance(seq_len=2**20, sp=8, chunk=512)
+    with pytest.raises(ConfigError, match=r"--lengths 16384 x --batches 8 needs at least .* for "
+                                          r"the generate benchmark.* \(use a smaller --lengths\)"):
+        bench_generate.generate_bench(lengths=[1024, 16384], batches=[1, 8], sp=1)
+    with pytest.raises(ConfigError, match="--lengths 0 must be positive"):
+        bench_generate.generate_bench(lengths=[0], batches=[1], sp=1)
+    with pytest.raises(ConfigError, match=r"--sizes 1e\+06 needs at least 3000000\.0 GB of free disk"):
+        bench_data.data_bench(sizes=(0.1, 1e6))
