@@ -151,15 +151,20 @@ def entry_problem(path: Path, *, full: bool = False) -> str | None:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
         return "no commit marker (manifest.json): an interrupted build"
-    if manifest.get("version") != CACHE_VERSION:
-        return f"written by cache version {manifest.get('version')}"
-    for name, meta in [(s["name"], s) for s in manifest["shards"]] + list(manifest["index"].items()):
-        f = path / name
-        if not f.is_file() or f.stat().st_size != meta["bytes"]:
-            size = f.stat().st_size if f.is_file() else "missing"
-            return f"{name} has {size} bytes, the manifest says {meta['bytes']}"
-        if (full or name.endswith(".npy")) and crc32_of(f) != meta["crc32"]:
-            return f"{name} does not match its CRC-32"
+    try:
+        if manifest.get("version") != CACHE_VERSION:
+            return f"written by cache version {manifest.get('version')}"
+        files = [(s["name"], s) for s in manifest["shards"]] + list(manifest["index"].items())
+        for name, meta in files:
+            f = path / name
+            if not f.is_file() or f.stat().st_size != meta["bytes"]:
+                size = f.stat().st_size if f.is_file() else "missing"
+                return f"{name} has {size} bytes, the manifest says {meta['bytes']}"
+            if (full or name.endswith(".npy")) and crc32_of(f) != meta["crc32"]:
+                return f"{name} does not match its CRC-32"
+    except (AttributeError, KeyError, TypeError, ValueError, OSError):
+        # Valid JSON of another shape (a damaged or hand-edited manifest): not ours to use.
+        return "its manifest.json is malformed"
     return None
 
 

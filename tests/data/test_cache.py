@@ -162,3 +162,21 @@ def test_eval_reads_through_the_cache(tmp_path):
     rows = np.concatenate([np.concatenate([b["tokens"], b["targets"][:, -1:]], 1)
                            for b in batches]).ravel()
     np.testing.assert_array_equal(rows[:len(stream)], stream)
+
+
+@pytest.mark.parametrize("manifest", [
+    "[]", "null", '{"version": %d}', '{"version": %d, "shards": "x", "index": {}}',
+    '{"version": %d, "shards": [{"name": "tokens-00000.bin"}], "index": {}}',
+    '{"version": %d, "shards": [], "index": {"doc_len.npy": {"bytes": "many"}}}',
+])
+def test_a_malformed_manifest_is_damage_not_a_traceback(tmp_path, manifest):
+    """Valid JSON of the wrong shape in manifest.json (hand-edited, half-restored) made
+    entry_problem raise KeyError or TypeError; it is damage: warned about and rebuilt."""
+    docs, path = _corpus(tmp_path)
+    entry = cache.open_source(str(path), TOK, cache_dir=str(tmp_path / "cc"))
+    text = manifest % cache_build.CACHE_VERSION if "%d" in manifest else manifest
+    (entry.path / "manifest.json").write_text(text)
+    assert cache.entry_problem(entry.path) is not None
+    with pytest.warns(sources.DataWarning, match="damaged"):
+        again = cache.open_source(str(path), TOK, cache_dir=str(tmp_path / "cc"))
+    assert [TOK.decode(d) for d in cache.iter_documents(again, 1)] == docs
