@@ -65,12 +65,26 @@ def _signature(parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _up_to_date(manifest: Path, signature: str, outputs: Iterable[Path]) -> bool:
+def _up_to_date(manifest: Path, signature: str, outputs: Iterable[Path]) -> dict | None:
+    """The recorded summary if `manifest` matches `signature` and every output still has the
+    size it was written with; None means rebuild. A manifest damaged on disk (any JSON of
+    another shape) or an output truncated or replaced since is a rebuild, never a traceback."""
     try:
-        return (json.loads(manifest.read_text())["signature"] == signature
-                and all(p.is_file() for p in outputs))
-    except (OSError, ValueError, KeyError):
-        return False
+        m = json.loads(manifest.read_text())
+        sizes = m["sizes"]
+        ok = (m["signature"] == signature and isinstance(m["summary"], dict)
+              and all(p.is_file() and p.stat().st_size == sizes[p.name] for p in outputs))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return m["summary"] if ok else None
+
+
+def _write_manifest(manifest: Path, signature: str, summary: dict, outputs: Iterable[Path]) -> None:
+    record = {"signature": signature, "summary": summary,
+              "sizes": {p.name: p.stat().st_size for p in outputs}}
+    tmp = manifest.with_name(manifest.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, manifest)  # never half a manifest that parses
 
 
 def _write_jsonl(path: Path, records: Iterable[dict]) -> int:
@@ -99,8 +113,8 @@ def build_stdlib_corpus(out_dir: str | Path, *, limit: int | None = None,
     sig = _signature([FORMAT_VERSION, str(root), sys.version, stats, eval_fraction])
     outputs = {"train": out / "train.jsonl", "eval": out / "eval.jsonl"}
     manifest = out / ".manifest.json"  # hidden: a directory of data files skips it
-    if not force and _up_to_date(manifest, sig, outputs.values()):
-        return {**json.loads(manifest.read_text())["summary"], "skipped": True}
+    if not force and (done := _up_to_date(manifest, sig, outputs.values())) is not None:
+        return {**done, "skipped": True}
 
     records: dict[str, list[dict]] = {"train": [], "eval": []}
     for p, (rel, _, _) in zip(tqdm(files, desc="stdlib sources", unit="file"), stats,
@@ -115,7 +129,7 @@ def build_stdlib_corpus(out_dir: str | Path, *, limit: int | None = None,
         summary[split] = {"documents": _write_jsonl(path, docs),
                           "bytes": sum(len(d["text"].encode()) for d in docs),
                           "over_20k_bytes": sum(len(d["text"].encode()) > 20_000 for d in docs)}
-    manifest.write_text(json.dumps({"signature": sig, "summary": summary}, indent=1))
+    _write_manifest(manifest, sig, summary, outputs.values())
     return {**summary, "skipped": False}
 
 
@@ -131,8 +145,8 @@ def build_passkey_file(path: str | Path, *, lengths: Sequence[int] = (1024, 4096
     path.parent.mkdir(parents=True, exist_ok=True)
     sig = _signature([FORMAT_VERSION, list(lengths), list(depths), seed])
     manifest = path.with_name(f".{path.stem}.manifest.json")
-    if not force and _up_to_date(manifest, sig, [path]):
-        return {**json.loads(manifest.read_text())["summary"], "skipped": True}
+    if not force and (done := _up_to_date(manifest, sig, [path])) is not None:
+        return {**done, "skipped": True}
     rng = np.random.default_rng(seed)
     records = []
     for n in lengths:
@@ -142,5 +156,5 @@ def build_passkey_file(path: str | Path, *, lengths: Sequence[int] = (1024, 4096
                             "answer": ex.answer, "length": int(n), "depth": float(d),
                             "needle_char": ex.needle_char})
     summary = {"out": str(path), "documents": _write_jsonl(path, records)}
-    manifest.write_text(json.dumps({"signature": sig, "summary": summary}, indent=1))
+    _write_manifest(manifest, sig, summary, [path])
     return {**summary, "skipped": False}

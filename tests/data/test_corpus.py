@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ringformer.data import corpus
 from ringformer.data import pipeline as data
 from ringformer.data.corpus import split_of, stdlib_files, stdlib_root
 
@@ -87,3 +88,25 @@ def test_split_is_stable_and_about_five_percent():
     share = sum(split_of(r) == "eval" for r in rels) / len(rels)
     assert 0.02 < share < 0.09
     assert not any("site-packages" in r or "/test/" in f"/{r}" for r in rels)
+
+
+@pytest.mark.parametrize("damage", ["[]", '{"signature": "SIG"}', '{"signature": "SIG", "summary": 3}',
+                                    "truncated_output", "garbage"])
+def test_a_damaged_manifest_or_output_is_rebuilt(tmp_path, damage):
+    """The prepared corpus' hidden manifest decides whether the files are rebuilt: JSON of the
+    wrong shape raised KeyError/TypeError, and a truncated output file passed as up to date."""
+    out = tmp_path / "passkey.jsonl"
+    first = corpus.build_passkey_file(out, lengths=(512,), depths=(0.5,))
+    good = out.read_bytes()
+    manifest = tmp_path / ".passkey.manifest.json"
+    sig = json.loads(manifest.read_text())["signature"]
+    if damage == "truncated_output":
+        out.write_bytes(good[: len(good) // 2])
+    elif damage == "garbage":
+        manifest.write_bytes(b"\xff\x00 not json")
+    else:
+        manifest.write_text(damage.replace("SIG", sig))
+    again = corpus.build_passkey_file(out, lengths=(512,), depths=(0.5,))
+    assert not again["skipped"] and again["documents"] == first["documents"]
+    assert out.read_bytes() == good
+    assert corpus.build_passkey_file(out, lengths=(512,), depths=(0.5,))["skipped"]
