@@ -40,31 +40,34 @@ from ringformer.data.cache_build import CACHE_VERSION, build_entry, crc32_of
 from ringformer.data.tokenizer import Tokenizer
 from ringformer.errors import DataError
 
-_MADVISE_EVERY = 256 << 20  # bytes read from a shard between dropping its mapped pages
+_UNMAP_ALIGN = 2 << 20  # the largest folio the kernel maps on a fault (a huge page)
 _INDEX = ("doc_shard", "doc_start", "doc_len", "doc_file", "doc_prompt")
 _CACHE_FIX = "point data.cache_dir at a writable directory, or leave it empty"
 
 
 class Shard:
-    """A read-only memory map of one token file. Reads copy out; every few hundred MB the
-    process's mapped pages are dropped (they stay in the page cache), so a long run's RSS
-    does not grow with the corpus it has read."""
+    """A read-only memory map of one token file. Reads copy out, then unmap the pages around
+    what they read (they stay in the page cache): the kernel maps large folios (megabytes)
+    on a fault, and without this a long run's RSS would grow with the corpus it has read
+    rather than with the rows it holds."""
 
     def __init__(self, path: Path, dtype: np.dtype, n_bytes: int):
-        self.dtype, self._read = dtype, 0
+        self.dtype, self.n_bytes = dtype, n_bytes
         if n_bytes == 0:  # mmap refuses empty files
             self._mm, self.values = None, np.zeros(0, dtype)
             return
         with open(path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._mm.madvise(mmap.MADV_RANDOM)  # rows read scattered documents: no read-ahead
         self.values = np.frombuffer(self._mm, dtype=dtype)
 
     def __getitem__(self, s: slice) -> np.ndarray:
         out = np.array(self.values[s])
-        self._read += out.nbytes
-        if self._read > _MADVISE_EVERY and self._mm is not None:
-            self._read = 0
-            self._mm.madvise(mmap.MADV_DONTNEED)
+        if self._mm is not None and out.size:
+            lo, _, _ = s.indices(len(self.values))
+            a = (lo * self.dtype.itemsize) // _UNMAP_ALIGN * _UNMAP_ALIGN
+            b = min(self.n_bytes, a + out.nbytes + 2 * _UNMAP_ALIGN)
+            self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
         return out
 
     def __len__(self) -> int:

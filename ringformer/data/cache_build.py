@@ -7,10 +7,12 @@ depend on the corpus size. Workers are spawned, not forked: the caller may run j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import pickle
+import sys
 import warnings
 import zlib
 from collections import deque
@@ -103,6 +105,23 @@ def _size(unit: src.Unit) -> int:
                                                         if isinstance(t, str))
 
 
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Workers need only ringformer; a spawned worker would otherwise re-run the caller's
+    script as `__mp_main__`, and a script without a `__main__` guard would then build this
+    very cache again (waiting forever on our lock)."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__} \
+        if main is not None else {}
+    try:
+        for k in saved:
+            main.__dict__[k] = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+
+
 def _results(units: Iterator[tuple[int, src.Unit]], tok: Tokenizer,
              workers: int) -> Iterator[tuple[int, int, tuple]]:
     """(file id, unit bytes, tokenize_unit result) in input order."""
@@ -110,7 +129,9 @@ def _results(units: Iterator[tuple[int, src.Unit]], tok: Tokenizer,
         for fid, u in units:
             yield fid, _size(u), tokenize_unit(u, tok)
         return
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok,)) as pool:
+    with _main_hidden():
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok,))
+    with pool:
         pending: deque = deque()
         for fid, u in units:
             pending.append((fid, _size(u), pool.apply_async(_work, (u,))))
