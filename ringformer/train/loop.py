@@ -34,6 +34,7 @@ from ringformer.mesh import make_mesh
 from ringformer.ops import layouts
 from ringformer.train import checkpoint as ckpt_lib
 from ringformer.train import metrics
+from ringformer.train.feed import Prefetcher
 from ringformer.train.state import (
     TrainState,
     abstract_state,
@@ -50,6 +51,14 @@ from ringformer.train.workdir import (
 )
 
 log = logging.getLogger(__name__)
+
+# Batches packed and placed ahead of the step that takes them; 0 is the synchronous loop
+# (each batch made when needed, every step's metrics read at once): the reference the
+# tests hold the asynchronous one to, bit for bit.
+PREFETCH_DEPTH = 2
+# Several processes exchange their stop flags (an allgather, which waits for the device)
+# every this many steps and at steps that wait anyway; one process reads its flag each step.
+_STOP_EXCHANGE_EVERY = 8
 
 
 def _microbatches(batch: dict, accum: int) -> dict:
@@ -196,36 +205,42 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: _StopSignal) 
     logger = metrics.MetricsLogger(workdir, enabled=run.lead, resume_step=start)
     window = _MetricWindow(run, progress)
     bar = metrics.progress_bar(config.train.steps, initial=start, enabled=run.lead)
+    feed = Prefetcher(run.train_iter, PREFETCH_DEPTH)
+    reader = _MetricReader(run, window, logger, bar, start)
 
     def save(step: int, state: TrainState) -> None:
+        # The position after the batches trained on, not after those prefetched.
         checkpointer.save(step, state, config_json=config_json(config),
-                          data_state={**run.train_iter.state(), **window.saved()})
+                          data_state={**feed.consumed_state, **window.saved()})
 
-    last: dict[str, Any] = {"step": start}
     step = start
     stop.armed = True  # from here a signal asks for a save at the current step
     try:
-        while step < config.train.steps and not stop.agreed():
-            state, m = step_fn(state, next(run.train_iter))
+        while step < config.train.steps and not _stop_agreed(run, stop, step):
+            state = reader.dispatch(step_fn, state, next(feed))
             step += 1
-            window.add(step, jax.device_get(m))
-            if _due(step, config.train.log_every, config.train.steps):
-                last.update(_log_window(window, step, logger, bar))
+            # Only a step whose state the host needs (eval, save, the last) waits for the
+            # device here; the others' metrics are read one step behind, while the next
+            # step is already queued.
+            needs_state = _needs_state(run, step)
+            reader.read(step if needs_state or not PREFETCH_DEPTH else step - 1)
             if run.eval_set and _due(step, config.train.eval_every, config.train.steps):
-                last.update(_evaluate(run, eval_step, state.params, step, logger, window))
+                reader.last.update(_evaluate(run, eval_step, state.params, step, logger, window))
             if step % config.train.save_every == 0:
                 save(step, state)
             bar.update(1)
+        reader.read(step)
         # The final step (or the step a stop signal arrived at) is always saved.
         save(step, state)
     finally:
+        feed.close()
         bar.close()
         checkpointer.wait()
         checkpointer.close()
         logger.close()
     if run.lead:
         metrics.plot_metrics(workdir)
-    return {**last, "step": step, "stopped_by_signal": stop.received is not None}
+    return {**reader.last, "step": step, "stopped_by_signal": stop.received is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +256,7 @@ class _Run:
     schedule: optax.Schedule
     train_iter: data_lib.TrainIterator
     eval_set: list
+    peak: metrics.Peak  # the per-device FLOP/s MFU is against, and where it comes from
 
 
 def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
@@ -259,7 +275,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: Path) -> _Run:
                                           layout=layout)) if cfg_d.eval_files else []
     return _Run(config, workdir, jax.process_index() == 0, mesh, model_cfg,
                 optim.make_optimizer(config.optim, cfg_t.steps),
-                optim.make_schedule(config.optim, cfg_t.steps), train_iter, eval_set)
+                optim.make_schedule(config.optim, cfg_t.steps), train_iter, eval_set,
+                metrics.peak_flops(cfg_t.peak_flops, config.model.dtype))
 
 
 def _restore_or_init(run: _Run, checkpointer: ckpt_lib.Checkpointer) -> tuple[TrainState, dict]:
@@ -288,8 +305,10 @@ def _restore_or_init(run: _Run, checkpointer: ckpt_lib.Checkpointer) -> tuple[Tr
     elif cfg_t.init_from:
         state = init_from(cfg_t.init_from, run.model_cfg, state, run.tx)
     if run.lead:
-        (run.workdir / "config.json").write_text(json.dumps(config_json(run.config), indent=2)
-                                                 + "\n")
+        # The workdir's copy also records the peak MFU is measured against; checkpoints keep
+        # the config alone (it is read back as one).
+        saved = {**config_json(run.config), "throughput": run.peak.as_row()}
+        (run.workdir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
     return state, {}
 
 
@@ -325,6 +344,58 @@ def _due(step: int, every: int, last_step: int) -> bool:
     return step % every == 0 or step == last_step
 
 
+def _needs_state(run: _Run, step: int) -> bool:
+    """Whether the host uses the state after `step` (to evaluate or save it): the step's
+    state is donated to the next one, so that one must wait until this is done."""
+    cfg = run.config.train
+    return (step % cfg.save_every == 0 or step == cfg.steps
+            or (bool(run.eval_set) and _due(step, cfg.eval_every, cfg.steps)))
+
+
+def _stop_agreed(run: _Run, stop: _StopSignal, step: int) -> bool:
+    """Whether to stop before step `step + 1`. The exchange steps are a function of the
+    step alone, so every process exchanges at the same ones and they leave together."""
+    if (jax.process_count() > 1 and step % _STOP_EXCHANGE_EVERY
+            and not _needs_state(run, step)):
+        return False
+    return stop.agreed()
+
+
+class _MetricReader:
+    """Each step's metrics stay on the device until the host needs them: a log or eval
+    row, a checkpoint (whose metric window must be complete), or the end. Reading them is
+    what waits for the device, so the loop reads them a step late where it can."""
+
+    def __init__(self, run: _Run, window: _MetricWindow, logger: metrics.MetricsLogger, bar,
+                 start: int):
+        self._cfg, self._window, self._logger, self._bar = run.config.train, window, logger, bar
+        self._pending: list[tuple[int, dict]] = []
+        self._step = start
+        self.last: dict[str, Any] = {"step": start}
+        self.compile_s: float | None = None
+
+    def dispatch(self, step_fn, state: TrainState, batch: dict) -> TrainState:
+        """Queue the next step on the device; returns at once (after compiling, the first time)."""
+        t0 = time.perf_counter()
+        state, m = step_fn(state, batch)
+        if self.compile_s is None:
+            # The first call returns once the step is compiled and queued, so its time is
+            # compilation: reported on its own, not as slow first steps.
+            self.compile_s = time.perf_counter() - t0
+            self._window.compiled(self.compile_s)
+        self._step += 1
+        self._pending.append((self._step, m))
+        return state
+
+    def read(self, upto: int) -> None:
+        """Read the metrics of the steps up to `upto`, writing the log rows due among them."""
+        while self._pending and self._pending[0][0] <= upto:
+            step, m = self._pending.pop(0)
+            self._window.add(step, jax.device_get(m))
+            if _due(step, self._cfg.log_every, self._cfg.steps):
+                self.last.update(_log_window(self._window, step, self._logger, self._bar))
+
+
 class _MetricWindow:
     """The steps since the last log row, averaged into the next row.
 
@@ -342,8 +413,15 @@ class _MetricWindow:
         self._schedule = run.schedule
         self._tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
         self._flops_per_token = metrics.flops_per_token(cfg.model, cfg.data.seq_len)
-        self._peak = cfg.train.peak_flops or metrics.measure_peak_flops()
+        self._peak = run.peak.flops
+        # The first row of this process says what its MFU is against and how long the
+        # step took to compile.
+        self._first: dict[str, Any] = run.peak.as_row()
         self._t0, self._timed = time.perf_counter(), 0
+
+    def compiled(self, seconds: float) -> None:
+        self._first["compile_s"] = seconds
+        self.exclude(seconds)
 
     def add(self, step: int, m: dict) -> None:
         """Count step `step`'s metrics; a non-finite step stops the run unless it is skipped."""
@@ -373,6 +451,8 @@ class _MetricWindow:
                "mfu": metrics.mfu(tps, self._flops_per_token, jax.device_count(), self._peak)}
         if self._count_skipped:
             row["skipped_steps"] = self.skipped
+        row.update(self._first)
+        self._first = {}
         self.steps, self._t0, self._timed = [], time.perf_counter(), 0
         return row
 

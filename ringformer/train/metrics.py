@@ -7,6 +7,7 @@ step) and the same scalars to TensorBoard in `DIR/tb/`; `plot_metrics` draws `DI
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -67,6 +68,37 @@ def mfu(tokens_per_sec: float, flops_per_token: float, n_devices: int, peak: flo
     return tokens_per_sec * flops_per_token / (n_devices * peak)
 
 
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    """The per-device FLOP/s an MFU is against, and its origin (said beside every MFU)."""
+
+    flops: float
+    source: str
+
+    def as_row(self) -> dict[str, Any]:
+        return {"peak_flops": self.flops, "peak_flops_source": self.source}
+
+
+def peak_flops(configured: float, dtype: str, devices: Sequence[Any] | None = None) -> Peak:
+    """The peak for MFU: `train.peak_flops` if set; else the datasheet peak of the device
+    kind in the model's dtype (`ringformer.train.hardware`); else, for CPUs and kinds the
+    table lacks, the measured matmul rate (`measure_peak_flops`)."""
+    if configured and configured > 0:
+        return Peak(float(configured), "config: train.peak_flops")
+    import jax
+
+    from ringformer.train import hardware
+
+    device = (list(devices) if devices is not None else jax.local_devices())[0]
+    spec = hardware.device_spec(device.device_kind)
+    if spec is not None:
+        kind = "fp32" if hardware.peak_for_dtype(spec, dtype) == spec.fp32 != spec.bf16 else "bf16"
+        return Peak(hardware.peak_for_dtype(spec, dtype),
+                    f"table: {spec.name} dense {kind} (docs/metrics.md)")
+    return Peak(measure_peak_flops(devices=devices),
+                f"measured: float32 matmul on {device.device_kind}, all local devices at once")
+
+
 def measure_peak_flops(*, n: int | None = None, dtype: Any = None, min_seconds: float = 0.25,
                        devices: Sequence[Any] | None = None) -> float:
     """Per-device matmul FLOP/s, measured with every local device multiplying at once.
@@ -109,8 +141,11 @@ def measure_peak_flops(*, n: int | None = None, dtype: Any = None, min_seconds: 
 # metrics.jsonl + TensorBoard
 
 
-def _scalar(value: Any) -> int | float | None:
-    """A JSON-safe number: ints stay ints; NaN/inf become null (JSON has no NaN)."""
+def _scalar(value: Any) -> int | float | str | None:
+    """A JSON-safe number: ints stay ints; NaN/inf become null (JSON has no NaN). Strings
+    (where a number came from) pass as they are, to metrics.jsonl only."""
+    if isinstance(value, str):
+        return value
     if isinstance(value, bool):
         return int(value)
     if hasattr(value, "item"):  # numpy and jax scalars
@@ -225,7 +260,7 @@ class MetricsLogger:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         for key, value in row.items():
-            if key != "step" and value is not None:
+            if key != "step" and isinstance(value, int | float):
                 self._tb.add_scalar(key, value, int(step))
         return row
 

@@ -145,6 +145,25 @@ def test_sigkill_then_resume_is_bitwise(straight, corpus, tmp_path, moment):
     assert_same_run(straight, tmp_path)
 
 
+def test_the_asynchronous_loop_matches_the_synchronous_one(straight, corpus, tmp_path,
+                                                          monkeypatch):
+    """Prefetched batches and metrics read a step late change when the host waits, never what
+    is computed or saved: the synchronous loop (no prefetch) gives the same rows, parameters
+    and checkpoints, data positions included (those of the batches trained on)."""
+    from ringformer.train import loop
+    from ringformer.train.checkpoint import Checkpointer
+
+    monkeypatch.setattr(loop, "PREFETCH_DEPTH", 0)
+    config = smoke_config()
+    config.data.train_files, config.data.eval_files = (str(f) for f in corpus)
+    loop.train_and_evaluate(config, tmp_path)
+    assert_same_run(straight, tmp_path)
+    for step in (2, 4, 6):
+        with Checkpointer(straight, keep=3) as a, Checkpointer(tmp_path, keep=3) as b:
+            assert a.read_json(step)[0] == b.read_json(step)[0]
+            assert a.read_json(step)[0]["batches"] == step
+
+
 def test_resume_between_two_log_rows_logs_the_same_rows(corpus, tmp_path):
     """Rows average the steps since the last row; those before a stop must survive it."""
     every = ("--config.train.log_every=4", "--config.train.save_every=3")
