@@ -96,6 +96,20 @@ def test_metrics_rows_are_complete_and_finite(straight):
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
 
 
+def test_mfu_of_a_row_by_hand(straight):
+    """Smoke model: per layer wq 32*32 + wk,wv 2*32*16 + wo 32*32 + SwiGLU 3*32*64 = 9216
+    weights, two layers plus the head 32*259: 26720, times 6; causal attention
+    12*2*128*32/2 = 49152. MFU is against 8 devices at the configured 1e11 FLOP/s."""
+    first = rows(straight)[0]
+    assert first["peak_flops"] == 1e11 and first["peak_flops_source"] == "config: train.peak_flops"
+    assert first["compile_s"] > 0
+    assert "compile_s" not in rows(straight)[1]
+    flops_per_token = 6 * 26720 + 49152
+    assert first["mfu"] == pytest.approx(first["tokens_per_sec"] * flops_per_token / (8 * 1e11))
+    saved = json.loads((straight / "config.json").read_text())
+    assert saved["throughput"] == {"peak_flops": 1e11, "peak_flops_source": "config: train.peak_flops"}
+
+
 def wait_for(predicate, proc, timeout=300):
     t0 = time.time()
     while not predicate():

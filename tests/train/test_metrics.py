@@ -147,3 +147,44 @@ def test_plot_metrics_writes_png(tmp_path):
     out = plot_metrics(tmp_path)
     assert out == tmp_path / "loss.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------ the peak table
+
+
+class _FakeDevice:
+    platform = "gpu"
+
+    def __init__(self, kind: str):
+        self.device_kind = kind
+
+
+@pytest.mark.parametrize("kind,dtype,flops,name", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4e12, "H100 SXM"),
+    ("NVIDIA H100 80GB HBM3", "float32", 494.7e12, "H100 SXM"),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12, "H100 PCIe"),
+    ("NVIDIA H200", "bfloat16", 989.4e12, "H200 SXM"),
+    ("NVIDIA A100-SXM4-40GB", "bfloat16", 312e12, "A100 40GB"),
+    ("NVIDIA L4", "bfloat16", 121e12, "L4"),
+    ("TPU v4", "bfloat16", 275e12, "TPU v4"),
+    ("TPU v5 lite", "bfloat16", 197e12, "TPU v5e"),
+    ("TPU v5", "float32", 459e12, "TPU v5p"),
+    ("TPU v6 lite", "bfloat16", 918e12, "TPU v6e"),
+])
+def test_a_known_device_kind_uses_its_table_entry(kind, dtype, flops, name):
+    from ringformer.train.metrics import peak_flops
+
+    peak = peak_flops(0.0, dtype, devices=[_FakeDevice(kind)])
+    assert peak.flops == flops
+    assert peak.source.startswith(f"table: {name} dense")
+
+
+def test_the_configured_peak_wins_and_unknown_kinds_are_measured(monkeypatch):
+    from ringformer.train import hardware, metrics
+
+    assert metrics.peak_flops(5e12, "bfloat16", devices=[_FakeDevice("TPU v4")]) == \
+        metrics.Peak(5e12, "config: train.peak_flops")
+    assert hardware.device_spec("NVIDIA L40S") is None  # not an L4
+    monkeypatch.setattr(metrics, "measure_peak_flops", lambda devices=None: 7.0)
+    peak = metrics.peak_flops(0.0, "float32", devices=[_FakeDevice("cpu")])
+    assert peak.flops == 7.0 and peak.source.startswith("measured:")
