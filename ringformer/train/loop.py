@@ -326,17 +326,22 @@ def _nothing_to_train(run: _Run, start: int) -> dict:
     return {"step": start, "stopped_by_signal": False}
 
 
-def _jit_steps(run: _Run, state: TrainState):
-    """The train step, jitted once with the state donated and its shardings kept, and the
-    eval step."""
+def jit_train_step(config: ml_collections.ConfigDict, model_cfg: model.ModelConfig,
+                   tx: optax.GradientTransformation, mesh: Mesh, state: TrainState):
+    """The train step as the loop runs it: jitted once, the state donated and its shardings
+    kept. `state` may be abstract (`abstract_state`): the dry run compiles this same one."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step_fn = jax.jit(
-        make_train_step(run.model_cfg, run.tx, run.mesh,
-                        grad_accum_steps=run.config.optim.grad_accum_steps,
-                        skip_nonfinite=run.config.train.skip_nonfinite),
-        in_shardings=(state_shardings, sharding.batch_sharding(run.mesh)),
-        out_shardings=(state_shardings, sharding.replicated(run.mesh)), donate_argnums=0)
-    return step_fn, evaluate.make_eval_step(run.model_cfg, run.mesh)
+    return jax.jit(
+        make_train_step(model_cfg, tx, mesh, grad_accum_steps=config.optim.grad_accum_steps,
+                        skip_nonfinite=config.train.skip_nonfinite),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def _jit_steps(run: _Run, state: TrainState):
+    """The train step and the eval step."""
+    return (jit_train_step(run.config, run.model_cfg, run.tx, run.mesh, state),
+            evaluate.make_eval_step(run.model_cfg, run.mesh))
 
 
 def _due(step: int, every: int, last_step: int) -> bool:
