@@ -3,6 +3,8 @@
 The main process reads work units and writes shards in order; a pool of worker processes
 parses and tokenizes them. At most `2 x workers` units are in flight, so memory does not
 depend on the corpus size. Workers are spawned, not forked: the caller may run jax threads.
+A worker that dies (killed, out of memory) fails the build with a DataError at once; the
+caller removes the unfinished entry.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import warnings
 import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -129,18 +133,34 @@ def _results(units: Iterator[tuple[int, src.Unit]], tok: Tokenizer,
         for fid, u in units:
             yield fid, _size(u), tokenize_unit(u, tok)
         return
-    with _main_hidden():
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok,))
-    with pool:
+    # Not multiprocessing.Pool: it replaces a worker that dies (killed, OOM) and leaves the
+    # dead one's task pending forever; the executor fails every pending future instead.
+    # Workers start on demand, so __main__ stays hidden while the pool lives.
+    with _main_hidden(), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                             initializer=_init_worker,
+                                             initargs=(tok,)) as pool:
         pending: deque = deque()
-        for fid, u in units:
-            pending.append((fid, _size(u), pool.apply_async(_work, (u,))))
-            if len(pending) >= 2 * workers:
-                fid0, n, res = pending.popleft()
-                yield fid0, n, res.get()
-        while pending:
-            fid0, n, res = pending.popleft()
-            yield fid0, n, res.get()
+        try:
+            for fid, u in units:
+                pending.append((fid, _size(u), pool.submit(_work, u)))
+                if len(pending) >= 2 * workers:
+                    yield _collect(pending.popleft())
+            while pending:
+                yield _collect(pending.popleft())
+        finally:  # bad data or a dead worker: drop the queued units, do not tokenize them
+            for *_, fut in pending:
+                fut.cancel()
+
+
+def _collect(item: tuple) -> tuple[int, int, tuple]:
+    fid, n, fut = item
+    try:
+        return fid, n, fut.result()
+    except BrokenProcessPool:
+        raise DataError("a tokenizing worker process died while building the tokenized cache "
+                        "(killed, out of memory, or crashed in the tokenizer)",
+                        "free memory, or give the run fewer cores (e.g. taskset -c 0), and run "
+                        "again: the unfinished entry was removed and will be rebuilt") from None
 
 
 class _Writer:
@@ -225,8 +245,9 @@ def build_entry(paths: Sequence[Path], tok: Tokenizer, text_field: str, out: Pat
     done, n_docs, n_tokens = 0, 0, 0
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
                disable=total < POOL_MIN_BYTES, leave=False)
-    with bar:
-        for fid, size, res in _results(_units(paths, text_field), tok, workers):
+    # closing: an error stops the pool now, not when the traceback holding it is freed.
+    with bar, contextlib.closing(_results(_units(paths, text_field), tok, workers)) as results:
+        for fid, size, res in results:
             if res[0] == "error":
                 raise DataError(res[1], res[2], setting=res[3])
             _, tokens, lengths, prompts, parsed = res
