@@ -102,7 +102,8 @@ def is_own_checkpoint(step_dir: Path, step: int) -> bool:
     try:
         marker = json.loads((step_dir / MARKER).read_text())
         files = {rel: int(size) for rel, (size, _) in marker["files"].items()}
-        if marker.get("format") != 1 or marker.get("step") != step:
+        # orbax always writes files: an empty table is a marker someone else made
+        if marker.get("format") != 1 or marker.get("step") != step or not files:
             return False
         found = {}
         for root, dirs, names in os.walk(step_dir):

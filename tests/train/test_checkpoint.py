@@ -377,3 +377,16 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
             save(ck, 2, bad)
         assert listing(tmp_path) == before
         assert ck.latest_valid_step() == 1
+
+
+def test_a_forged_marker_without_files_is_not_pruned(tmp_path):
+    """Found by tests/test_fuzz.py: a directory holding only a COMMITTED marker in our format
+    with an empty file table counted as our checkpoint and was deleted; orbax always writes
+    files, so such a directory is not ours."""
+    ckdir = tmp_path / "checkpoints"
+    (ckdir / "1").mkdir(parents=True)
+    (ckdir / "1" / MARKER).write_text('{"format": 1, "step": 1, "files": {}}')
+    with Checkpointer(tmp_path, keep=1, async_save=False) as ck:
+        save(ck, 2, make_state(mesh()))
+        save(ck, 3, make_state(mesh()))
+    assert (ckdir / "1" / MARKER).read_text() == '{"format": 1, "step": 1, "files": {}}'
