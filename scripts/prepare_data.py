@@ -39,6 +39,45 @@ def _at_least(low: int):
     return parse
 
 
+def _retrieval_flags(parser: argparse.ArgumentParser) -> None:
+    """The long-context recipe's synthetic data (ringformer/data/retrieval.py), under OUT/longctx."""
+    parser.add_argument("--retrieval_examples", type=_at_least(0), default=0,
+                        help="supervised passkey and key-value examples of up to "
+                             "--retrieval_max_tokens (default 0: no retrieval data)")
+    parser.add_argument("--retrieval_long_examples", type=_at_least(0), default=0,
+                        help="more examples of --retrieval_max_tokens to "
+                             "--retrieval_long_max_tokens tokens (stage 2)")
+    parser.add_argument("--retrieval_min_tokens", type=_at_least(256), default=256)
+    parser.add_argument("--retrieval_max_tokens", type=_at_least(256), default=4096)
+    parser.add_argument("--retrieval_long_max_tokens", type=_at_least(256), default=16384)
+    parser.add_argument("--heldout_lengths", default="1024,2048,4096,8192,16384",
+                        help="held-out passkey prompt lengths (tokens, answer included)")
+    parser.add_argument("--heldout_depths", default="0,0.25,0.5,0.75,1",
+                        help="held-out key depths in [0, 1], taken in turn")
+    parser.add_argument("--heldout_per_length", type=_at_least(1), default=20,
+                        help="held-out passkey prompts per length")
+    parser.add_argument("--heldout_doc_tokens", type=_at_least(256), default=16384,
+                        help="held-out eval documents are cut to this many tokens")
+
+
+def _check_retrieval(args: argparse.Namespace) -> None:
+    from ringformer.data.passkey import bare_prompt_tokens
+
+    args.heldout = (_numbers(args.heldout_lengths, int), _numbers(args.heldout_depths, float))
+    if not args.retrieval_examples:
+        return
+    if not args.retrieval_min_tokens <= args.retrieval_max_tokens < args.retrieval_long_max_tokens:
+        raise ConfigError("retrieval lengths must satisfy --retrieval_min_tokens <= "
+                          "--retrieval_max_tokens < --retrieval_long_max_tokens",
+                          "e.g. --retrieval_min_tokens 256 --retrieval_max_tokens 4096")
+    lengths, depths = args.heldout
+    least = bare_prompt_tokens() + 8  # the prompt and its answer, " KEY" plus slack
+    if not lengths or not depths or min(lengths) < least or not all(0 <= d <= 1 for d in depths):
+        raise ConfigError(f"--heldout_lengths need values of {least} or more and "
+                          "--heldout_depths values in [0, 1]",
+                          "e.g. --heldout_lengths 1024,4096 --heldout_depths 0,0.5,1")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, checked before any file is read or written; adds `lengths` and `depths`."""
     from ringformer.data.passkey import MAX_LENGTH, bare_prompt_tokens
@@ -56,7 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="key depths in [0, 1], comma-separated")
     parser.add_argument("--seed", type=_at_least(0), default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    _retrieval_flags(parser)
     args = parser.parse_args(argv)
+    _check_retrieval(args)
 
     args.lengths = _numbers(args.passkey_lengths, int)
     args.depths = _numbers(args.passkey_depths, float)
@@ -92,6 +133,7 @@ def main() -> int:
         passkey = build_passkey_file(out / "passkey" / "passkey.jsonl",
                                      lengths=lengths, depths=depths,
                                      seed=args.seed, force=args.force)
+        retrieval = _build_retrieval(args, out) if args.retrieval_examples else None
     except OSError as e:
         raise DataError(f"cannot write under {out}: {e}", "choose a writable --out") from None
     except ValueError as e:
@@ -102,7 +144,29 @@ def main() -> int:
           f"({stdlib['train']['bytes']} bytes), eval={stdlib['eval']['documents']} docs")
     print(f"passkey documents {'up to date' if passkey['skipped'] else 'written'}: "
           f"{passkey['out']} ({passkey['documents']} docs)")
+    if retrieval:
+        print(f"retrieval data {'up to date' if retrieval['skipped'] else 'written'}: "
+              f"{retrieval['out']} (train_short {retrieval['train_short']}, train_long "
+              f"{retrieval['train_long']}, heldout_passkey {retrieval['heldout_passkey']}, "
+              f"heldout_long {retrieval['heldout_long']} docs)")
     return 0
+
+
+def _build_retrieval(args: argparse.Namespace, out: Path) -> dict:
+    from ringformer.data.retrieval import build_retrieval_files, write_long_documents
+
+    lengths, depths = args.heldout
+    done = build_retrieval_files(
+        out / "longctx", examples=args.retrieval_examples,
+        long_examples=args.retrieval_long_examples, min_tokens=args.retrieval_min_tokens,
+        max_tokens=args.retrieval_max_tokens, long_max_tokens=args.retrieval_long_max_tokens,
+        heldout_lengths=lengths, heldout_depths=depths,
+        heldout_per_length=args.heldout_per_length, seed=args.seed, force=args.force)
+    # Cheap, so rewritten every time: it follows the stdlib split it is cut from.
+    done["heldout_long"] = write_long_documents(out / "stdlib" / "eval.jsonl",
+                                                out / "longctx" / "heldout_long.jsonl",
+                                                args.heldout_doc_tokens)
+    return done
 
 
 if __name__ == "__main__":

@@ -1,0 +1,210 @@
+"""Synthetic retrieval examples for the long-context recipe (configs/longctx_*.py).
+
+Two tasks, written as supervised examples (`prompt`, `response`): the loss is on the response
+only, so a handful of answer tokens is not drowned by thousands of predictable filler tokens
+(trained on whole documents, small models answer the same key for every prompt):
+
+- passkey: the prompt of `ringformer.data.passkey` (its intro, needle and question), but the
+  haystack is made of `sentences` (never `passkey.FILLER`) and the key is a training key;
+- key-value lookup: many "The code of NAME is VALUE." records scattered through filler, then
+  the names to look up; the response states every asked code, so one example carries dozens
+  of retrieval targets instead of one.
+
+Held-out prompts (`heldout_passkey`) are the evaluation's: `passkey.FILLER` and keys of the
+held-out share of the key space (`is_heldout_key`), so neither filler nor key was trained on.
+Lengths count byte-tokenizer tokens (the text is ASCII: one byte, one token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ringformer.data.passkey import INTRO, NEEDLE, QUESTION, make_passkey_example
+
+# Words of the training haystack. The evaluation's filler ("The grass is green. The sky is
+# blue. The sun is yellow. Here we go. There and back again.") uses none of its nouns or
+# colours, so the held-out prompts' haystack is text the model never saw.
+NOUNS = ("house", "river", "stone", "bird", "cat", "road", "tree", "door", "cloud", "ship",
+         "lamp", "bread", "chair", "field", "hill", "book", "wind", "rain", "star", "moon",
+         "horse", "garden", "window", "letter", "bridge", "candle", "forest", "island")
+ADJECTIVES = ("red", "tall", "quiet", "cold", "old", "warm", "small", "dark", "bright",
+              "round", "soft", "heavy", "empty", "narrow", "wide", "silent", "wet", "calm")
+VERBS = ("sees", "follows", "finds", "moves", "holds", "watches", "passes", "covers")
+TEMPLATES = ("The {n} is {a}. ", "A {a} {n} {v} the {m}. ", "Every {n} {v} a {m}. ",
+             "The {m} near the {n} is {a}. ")
+KV_INTRO = "Below are secret codes hidden in a long text. Find them; you will be asked for some.\n"
+KV_RECORD = "The code of {name} is {value}. "
+KV_QUESTION = "\nWhat are the codes of {names}?\n"
+KV_ANSWER = "The code of {name} is {value}.\n"
+HELDOUT_SHARE = 10  # one key in this many is held out of training
+
+
+def is_heldout_key(key: str) -> bool:
+    """The held-out share of the key space: a stable hash, the same on every machine."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % HELDOUT_SHARE == 0
+
+
+def draw_key(rng: np.random.Generator, heldout: bool = False, digits: int = 5) -> str:
+    """A key without a leading zero from the training (or the held-out) share."""
+    while True:
+        key = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
+        if is_heldout_key(key) == heldout:
+            return key
+
+
+def sentences(rng: np.random.Generator, n_chars: int) -> list[str]:
+    """Training filler sentences, about n_chars characters in all (never more)."""
+    out, total = [], 0
+    while True:
+        t = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+        n, m = rng.choice(len(NOUNS), 2, replace=False)
+        s = t.format(n=NOUNS[n], m=NOUNS[m], a=ADJECTIVES[int(rng.integers(len(ADJECTIVES)))],
+                     v=VERBS[int(rng.integers(len(VERBS)))])
+        if total + len(s) > n_chars:
+            return out
+        out.append(s)
+        total += len(s)
+
+
+def log_uniform(rng: np.random.Generator, low: int, high: int) -> int:
+    """A length in [low, high], log-uniform: as many short examples as long ones per octave."""
+    return round(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+
+def passkey_example(rng: np.random.Generator, length: int) -> dict:
+    """A supervised passkey example of at most `length` tokens (EOS included), needle at a
+    uniformly random depth of training filler."""
+    key = draw_key(rng)
+    needle = NEEDLE.format(key=key)
+    response = f" {key}."
+    room = length - len(INTRO) - len(needle) - len(QUESTION) - len(response) - 1
+    fill = sentences(rng, max(0, room))
+    depth = float(rng.uniform())
+    cut = round(depth * len(fill))
+    prompt = INTRO + "".join(fill[:cut]) + needle + "".join(fill[cut:]) + QUESTION
+    return {"prompt": prompt, "response": response, "task": "passkey", "key": key,
+            "depth": cut / max(1, len(fill)), "length": len(prompt) + len(response) + 1}
+
+
+def _names(rng: np.random.Generator, n: int) -> list[str]:
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    names: set[str] = set()
+    while len(names) < n:
+        names.add("".join(rng.choice(letters, 4)))
+    return sorted(names, key=lambda _: rng.uniform())
+
+
+def kv_example(rng: np.random.Generator, length: int, *, density: int = 96,
+               max_queries: int = 8) -> dict:
+    """A supervised key-value lookup example of at most `length` tokens: about one record
+    per `density` characters of text, up to `max_queries` of them asked (a random subset, in
+    random order), the response stating each asked code."""
+    n_pairs = max(2, length // density)
+    n_query = int(rng.integers(1, min(max_queries, n_pairs) + 1))
+    while True:
+        names = _names(rng, n_pairs)
+        values = [draw_key(rng) for _ in names]
+        asked = [int(i) for i in rng.choice(n_pairs, n_query, replace=False)]
+        records = [KV_RECORD.format(name=n, value=v) for n, v in zip(names, values, strict=True)]
+        question = KV_QUESTION.format(names=", ".join(names[i] for i in asked))
+        response = "".join(KV_ANSWER.format(name=names[i], value=values[i]) for i in asked)
+        fixed = len(KV_INTRO) + sum(map(len, records)) + len(question) + len(response) + 1
+        if fixed <= length or n_pairs == 2:
+            break
+        n_pairs, n_query = max(2, n_pairs // 2), max(1, min(n_query, n_pairs // 2))
+    fill = sentences(rng, max(0, length - fixed))
+    # Records at random places among the filler sentences, in their own order.
+    slots = np.sort(rng.integers(0, len(fill) + 1, len(records)))
+    parts, j = [], 0
+    for i, s in enumerate([*fill, ""]):
+        while j < len(records) and slots[j] == i:
+            parts.append(records[j])
+            j += 1
+        parts.append(s)
+    prompt = KV_INTRO + "".join(parts) + question
+    return {"prompt": prompt, "response": response, "task": "kv", "queries": n_query,
+            "length": len(prompt) + len(response) + 1}
+
+
+def training_examples(n: int, *, min_tokens: int, max_tokens: int, seed: int,
+                      kv_share: float = 0.5, desc: str = "retrieval examples") -> list[dict]:
+    """`n` examples, a `kv_share` of them key-value lookups, lengths log-uniform in
+    [min_tokens, max_tokens]; the same seed gives the same examples."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in tqdm(range(n), desc=desc, unit="ex", leave=False):
+        length = log_uniform(rng, min_tokens, max_tokens)
+        make = kv_example if rng.uniform() < kv_share else passkey_example
+        out.append(make(rng, length))
+    return out
+
+
+def heldout_passkey(lengths: Sequence[int], depths: Sequence[float], per_length: int, *,
+                    seed: int) -> list[dict]:
+    """Evaluation prompts: `per_length` per length, depths taken in turn; the standard filler
+    and held-out keys. `length` bounds prompt + answer (the answer needs len(" KEY") + 2)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        for i in range(per_length):
+            key = draw_key(rng, heldout=True)
+            depth = float(depths[i % len(depths)])
+            ex = make_passkey_example(int(n) - len(key) - 3, depth, key=key)
+            out.append({"prompt": ex.text, "key": key, "answer": ex.answer, "length": int(n),
+                        "depth": depth, "needle_char": ex.needle_char})
+    return out
+
+
+def build_retrieval_files(out_dir: str | Path, *, examples: int, long_examples: int,
+                          min_tokens: int, max_tokens: int, long_max_tokens: int,
+                          heldout_lengths: Sequence[int], heldout_depths: Sequence[float],
+                          heldout_per_length: int, seed: int, force: bool = False) -> dict:
+    """`out_dir/{train_short,train_long,heldout_passkey}.jsonl`, rebuilt only when the
+    arguments change. Long examples span (max_tokens, long_max_tokens]."""
+    from ringformer.data.corpus import _signature, _up_to_date, _write_jsonl, _write_manifest
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    args = [1, examples, long_examples, min_tokens, max_tokens, long_max_tokens,
+            list(heldout_lengths), list(heldout_depths), heldout_per_length, seed]
+    paths = {k: out / f"{k}.jsonl" for k in ("train_short", "train_long", "heldout_passkey")}
+    manifest = out / ".manifest.json"
+    sig = _signature(args)
+    if not force and (done := _up_to_date(manifest, sig, paths.values())) is not None:
+        return {**done, "skipped": True}
+    records = {
+        "train_short": training_examples(examples, min_tokens=min_tokens,
+                                         max_tokens=max_tokens, seed=seed),
+        "train_long": training_examples(long_examples, min_tokens=max_tokens + 1,
+                                        max_tokens=long_max_tokens, seed=seed + 1,
+                                        desc="long retrieval examples"),
+        # Its own seed stream; draw_key keeps its keys out of the training share anyway.
+        "heldout_passkey": heldout_passkey(heldout_lengths, heldout_depths,
+                                           heldout_per_length, seed=seed + 2)}
+    summary = {"out": str(out)} | {k: _write_jsonl(paths[k], r) for k, r in records.items()}
+    _write_manifest(manifest, sig, summary, paths.values())
+    return {**summary, "skipped": False}
+
+
+def write_long_documents(src: str | Path, dst: str | Path, tokens: int, limit: int = 8) -> int:
+    """Up to `limit` documents of the jsonl `src` with at least `tokens` byte tokens, each cut
+    to its first `tokens` bytes, into `dst`: one evaluation window of held-out text per
+    document at context `tokens` (the EOS is the last target), so the loss by position reaches
+    the last bucket on every document, at a known cost."""
+    import json
+
+    from ringformer.data.corpus import _write_jsonl
+
+    docs = []
+    with open(src, encoding="utf-8") as f:
+        for d in map(json.loads, f):
+            raw = d["text"].encode()
+            if len(raw) >= tokens and len(docs) < limit:
+                docs.append({"text": raw[:tokens].decode("utf-8", "ignore"), "path": d.get("path")})
+    return _write_jsonl(Path(dst), docs)
