@@ -161,9 +161,13 @@ def run(*, prompts: Sequence[str], max_new_tokens: int = 64, sampling: Sampling 
     gen.check(ids, max_new_tokens)
     lead = jax.process_index() == 0
     out = out or sys.stdout
-    stream = out if lead and len(prompts) == 1 and not json_lines else None
-    result = _generate(gen, ids, tok, max_new_tokens, sampling, stop, stream,
-                       progress and lead and len(prompts) > 1)
+    # Decided alike on every process: the host callback is part of the compiled program, and
+    # processes running different programs deadlock (or crash gloo) in the first collective.
+    streamed, bar_on = len(prompts) == 1 and not json_lines, progress and len(prompts) > 1
+    hook_on = streamed or bar_on or bool(stop)
+    result = _generate(gen, ids, tok, max_new_tokens, sampling, stop,
+                       out if lead and streamed else None, bar_on and lead, hook_on)
+    stream = out if lead and streamed else None
     rows = []
     for p, toks in zip(prompts, result.tokens, strict=True):
         text, _ = _trim(tok.decode(toks), stop)
@@ -176,7 +180,8 @@ def run(*, prompts: Sequence[str], max_new_tokens: int = 64, sampling: Sampling 
     return rows
 
 
-def _generate(gen, ids, tok, max_new_tokens, sampling, stop, stream, bar_on: bool):
+def _generate(gen, ids, tok, max_new_tokens, sampling, stop, stream, bar_on: bool,
+              hook_on: bool):
     from tqdm.auto import tqdm
 
     with tqdm(total=max_new_tokens, unit="step", desc="generate", disable=not bar_on,
@@ -185,8 +190,9 @@ def _generate(gen, ids, tok, max_new_tokens, sampling, stop, stream, bar_on: boo
         if stream is not None:
             stream.write(tok.decode(ids[0]))
             stream.flush()
-        # The host callback costs a device-to-host copy per step: only when something uses it.
-        hook = watch if (stream is not None or bar_on or stop) else None
+        # The host callback costs a device-to-host copy per step: only when something uses it
+        # (on any process: `hook_on` is the same everywhere, `stream`/`bar_on` only on process 0).
+        hook = watch if hook_on else None
         return gen.generate(ids, max_new_tokens=max_new_tokens, sampling=sampling,
                             eos_id=tok.eos_id, on_tokens=hook)
 

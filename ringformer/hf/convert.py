@@ -2,7 +2,9 @@
 
 `import_hf` writes the weights as a step-0 checkpoint that a training run starts from (with
 its own optimizer, seed and data); `export_hf` writes a checkpoint's parameters as
-config.json + model.safetensors. The tensor mapping itself is `ringformer/hf/mapping.py`.
+config.json + model.safetensors (one process) or sharded safetensors with an index (several
+processes, `ringformer/hf/sharded.py`), plus the run's local tokenizer files. The tensor
+mapping itself is `ringformer/hf/mapping.py`.
 """
 
 from __future__ import annotations
@@ -85,8 +87,11 @@ def import_hf(hf_dir: str, workdir: str, config=None) -> None:
 
 def export_hf(workdir: str, out_dir: str, step: int | None = None) -> None:
     """Write `workdir`'s newest valid (or `step`) parameters into the new or empty `out_dir`."""
+    import jax
+
     from ringformer import model
     from ringformer.hf import mapping as hf
+    from ringformer.hf import sharded
     from ringformer.train import state as train_state
     from ringformer.train.workdir import missing_dirs, remove_unused_workdir
 
@@ -104,10 +109,19 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None) -> None:
     # HF needs a position limit; a run without one (0) claims the context it was trained at.
     cfg = dataclasses.replace(cfg, max_position=cfg.max_position or int(config.data.seq_len))
     created = missing_dirs(out)
+    lead = jax.process_index() == 0
     try:
-        hf.save_llama(cfg, state.params, out_dir)
+        if jax.process_count() > 1:
+            # The parameters are spread over the processes: each writes its own file.
+            sharded.save_sharded(cfg, state.params, out_dir)
+        else:
+            hf.save_llama(cfg, state.params, out_dir)
+        if lead:
+            sharded.copy_tokenizer(config.data.tokenizer, out_dir)
     except BaseException:
-        # save_llama removes its own partial files; the directories made for it go too.
-        remove_unused_workdir(created)
+        # The writers remove their own partial files; the directories made for them go too.
+        if lead:
+            remove_unused_workdir(created)
         raise
-    print(f"exported step {int(state.step)} of {workdir} to {out_dir}")
+    if lead:
+        print(f"exported step {int(state.step)} of {workdir} to {out_dir}")
