@@ -14,12 +14,8 @@ import json
 from pathlib import Path
 
 from ringformer.errors import UserError
+from ringformer.hf.hf_config import HF_FIELDS
 
-# What a HF config.json decides; everything else (dtype, remat, chunks, mesh) is the run's.
-HF_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta",
-             "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
-             "rope_high_freq_factor", "rope_original_max_position", "max_position", "norm_eps",
-             "tie_embeddings")
 ONE_HOST_MESH = {"dp": 1, "fsdp": -1, "sp": 1, "tp": 1}  # converting needs no particular mesh
 
 
@@ -80,9 +76,8 @@ def import_hf(hf_dir: str, workdir: str, config=None) -> None:
             # lock, as train_and_evaluate does.
             remove_unused_workdir(created)
             raise
-    flags_needed = " ".join(f"--config.model.{k}={config.model[k]}" for k in HF_FIELDS)
     print(f"imported {hf_dir} into {path} as step 0; fine-tune with\n  python scripts/train.py "
-          f"--config CONFIG --workdir {path} {flags_needed}")
+          f"--config configs/finetune.py:{path} --workdir {path} --config.data.train_files=F")
 
 
 def export_hf(workdir: str, out_dir: str, step: int | None = None) -> None:

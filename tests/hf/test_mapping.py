@@ -175,7 +175,8 @@ def test_convert_script_import_then_export(checkpoints, tokens, tmp_path):
     run, out = str(tmp_path / "run"), str(tmp_path / "out")
     done = _convert("import", hf_dir, "--workdir", run)
     assert done.returncode == 0, done.stderr
-    assert "--config.model.rope_scaling=llama3" in done.stdout  # how to fine-tune it
+    # How to fine-tune it: the model's shape is read from the run, nothing to retype.
+    assert f"--config configs/finetune.py:{run} --workdir {run}" in done.stdout
     again = _convert("import", hf_dir, "--workdir", run)
     assert again.returncode == 2 and again.stderr.startswith("error: ")
     done = _convert("export", "--workdir", run, "--out", out)

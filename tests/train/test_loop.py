@@ -327,7 +327,8 @@ def test_config_structure_is_checked(config, message):
 
 @pytest.mark.parametrize("name,arg,n_devices", [
     ("tiny", None, 8), ("smoke", None, 8), ("llama_1b_32k", None, 1),
-    *[("llama2_7b_long", f"ctx={c}", 256) for c in ("32k", "128k", "256k", "512k", "1m")],
+    *[("llama2_7b_long", f"ctx={c}", n) for c in ("32k", "128k", "256k", "512k", "1m")
+      for n in (256, 512)],
 ])
 def test_shipped_configs_validate(name, arg, n_devices):
     import importlib.util
