@@ -77,10 +77,11 @@ def train_sources(config_data) -> list[SourceSpec]:
 
 def length_filter(lengths: np.ndarray, min_tokens: int, max_tokens: int) -> np.ndarray:
     """Indices of documents whose packed length (BOS + text + EOS) is within the limits."""
-    packed = lengths + 1
-    keep = packed >= min_tokens
+    # Compared as `lengths >= min - 1`, not `lengths + 1 >= min`: the index holds lengths in
+    # their narrowest dtype, where + 1 could wrap.
+    keep = lengths >= min_tokens - 1
     if max_tokens > 0:
-        keep &= packed <= max_tokens
+        keep &= lengths <= max_tokens - 1
     return np.flatnonzero(keep)
 
 
@@ -108,13 +109,16 @@ class Plan:
                  seed: int, share: int):
         self.seed, self.share = seed % 2**63, share
         self.pools = []
-        for s, spec in enumerate(specs):
+        long = [np.zeros(0, bool) if not spec.long_tokens or spec.repeat == 1
+                else length >= spec.long_tokens - 1 for spec in specs]  # no + 1: may wrap
+        self.plain = len(specs) == 1 and not long[0].any()
+        # Plain: the iterator shuffles all documents itself; no pool (8 bytes a document).
+        for s, spec in enumerate([] if self.plain else specs):
             docs = np.flatnonzero(source == s)
-            reps = np.where(length[docs] + 1 >= spec.long_tokens, spec.repeat, 1) \
-                if spec.long_tokens else np.ones(len(docs), np.int64)
+            reps = np.where(long[s][docs], spec.repeat, 1) if len(long[s]) \
+                else np.ones(len(docs), np.int64)
             self.pools.append(np.repeat(docs, reps))
-        self.plain = len(specs) == 1 and len(self.pools[0]) == len(source)
-        self.counts = quotas(sum(len(p) for p in self.pools),
+        self.counts = quotas(sum(len(p) for p in self.pools) if self.pools else len(source),
                              np.array([s.weight for s in specs], np.float64))
 
     def documents(self, epoch: int) -> np.ndarray:

@@ -64,6 +64,18 @@ def _whole_starts(lengths: np.ndarray, whole: np.ndarray, row_len: int) -> np.nd
     return starts
 
 
+def _stream_starts(length: np.ndarray, order: np.ndarray, block: int = 1 << 20) -> np.ndarray:
+    """Stream offsets of the documents `order` without gaps: the cumulative sum of their
+    lengths (+1 each: the EOS), built in place with only a block of temporaries."""
+    starts = np.zeros(len(order), np.int64)
+    for a in range(0, len(order) - 1, block):
+        b = min(len(order) - 1, a + block)
+        starts[a + 1:b + 1] = length[order[a:b]]
+    starts[1:] += 1
+    np.cumsum(starts, out=starts)
+    return starts
+
+
 class Packer:
     """Rows over documents taken in `order` (repeats allowed).
 
@@ -78,17 +90,24 @@ class Packer:
         self.docs = docs if offsets is None else Docs.from_offsets(docs, offsets)
         self.row_len, self.eos_id, self.pad_id = row_len, eos_id, pad_id
         n_docs = len(self.docs)
-        self.order = np.arange(n_docs) if order is None else np.asarray(order, dtype=np.int64)
-        lengths = self.docs.length[self.order].astype(np.int64) + 1  # +1: the EOS
+        # Any integer dtype (the iterator passes int32): widening would double its memory.
+        self.order = np.arange(n_docs) if order is None else np.asarray(order)
+        if self.order.dtype.kind not in "iu":
+            self.order = self.order.astype(np.int64)
         prompt = self.docs.prompt
         whole = None if prompt is None else prompt[self.order] > 0
         if whole is not None and whole.any():
+            lengths = self.docs.length[self.order].astype(np.int64) + 1  # +1: the EOS
             self.starts = _whole_starts(lengths, whole, row_len)
         else:  # every document streams: one cumulative sum
-            self.starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        self.ends = self.starts + lengths
-        self.n_tokens = int(self.ends[-1]) if len(self.ends) else 0
+            self.starts = _stream_starts(self.docs.length, self.order)
+        self.n_tokens = self._end(len(self.order) - 1) if len(self.order) else 0
         self.n_rows = max(1, -(-self.n_tokens // row_len))
+
+    def _end(self, k: int) -> int:
+        """Where the `k`-th document of the order ends in the stream, after its EOS (computed,
+        not stored: one int64 a document less)."""
+        return int(self.starts[k]) + int(self.docs.length[int(self.order[k])]) + 1
 
     def row(self, r: int) -> tuple[np.ndarray, ...]:
         """(tokens, segment_ids, positions, trainable) of row `r`, each [row_len]; `trainable`
@@ -103,7 +122,7 @@ class Packer:
         k = max(0, int(np.searchsorted(self.starts, start, side="right")) - 1)
         seg = 0
         while k < len(self.order) and self.starts[k] < stop:
-            a, b = max(start, int(self.starts[k])), min(stop, int(self.ends[k]))
+            a, b = max(start, int(self.starts[k])), min(stop, self._end(k))
             if a >= b:  # a document before this row, or one that ended in a gap
                 k += 1
                 continue

@@ -65,7 +65,10 @@ def document_tokens(files: str | Sequence[str], tokenizer: Tokenizer,
     return list(cache.iter_documents(entry, tokenizer.eos_id))
 
 
-def _filtered(entry: cache.Entry, spec: mixture.SourceSpec, lo: int, hi: int) -> np.ndarray:
+def _filtered(entry: cache.Entry, spec: mixture.SourceSpec, lo: int,
+              hi: int) -> np.ndarray | range:
+    if lo <= 1 and hi <= 0:  # nothing filtered: a range, not 8 bytes a document
+        return range(len(entry))
     kept = mixture.length_filter(entry.length, lo, hi)
     if not len(kept):
         shortest, longest = (int(entry.length.min()) + 1, int(entry.length.max()) + 1) \
@@ -94,20 +97,26 @@ def open_sources(config_data, tokenizer: Tokenizer, specs: list[mixture.SourceSp
 def share_docs(opened, share: int, n_shares: int) -> tuple[Docs, np.ndarray]:
     """This share's documents of every source (dealt round-robin) and the source of each."""
     shards, parts, source = [], [], []
+    supervised = any(entry.prompt is not None for _, entry, _ in opened)
     for s, (spec, entry, kept) in enumerate(opened):
         if len(kept) < n_shares:
             raise DataError(f"{len(kept)} documents of {spec.files} cannot be dealt to "
                             f"{n_shares} batch shards (mesh dp*fsdp)",
                             "add documents or use a smaller dp*fsdp")
         mine = kept[share::n_shares]
-        prompt = entry.prompt[mine] if entry.prompt is not None else np.zeros(len(mine), np.int32)
-        parts.append((entry.shard[mine] + len(shards), entry.start[mine], entry.length[mine],
-                      prompt))
-        source.append(np.full(len(mine), s, np.int32))
+        if isinstance(mine, range):  # unfiltered: views of the index, no copies
+            mine = slice(mine.start, mine.stop, mine.step)
+        prompt = None if not supervised else entry.prompt[mine] if entry.prompt is not None \
+            else np.zeros(len(entry.start[mine]), np.int32)
+        shard = entry.shard[mine] + len(shards) if shards else entry.shard[mine]
+        parts.append((shard, entry.start[mine], entry.length[mine], prompt))
+        source.append(np.full(len(shard), s, np.uint8 if len(opened) < 256 else np.int32))
         shards.extend(entry.shards)
-    cols = [np.concatenate(c) for c in zip(*parts, strict=True)]
-    prompt = cols[3] if cols[3].any() else None
-    return Docs(shards, cols[0], cols[1], cols[2], prompt), np.concatenate(source)
+    cols = [c[0] if len(c) == 1 else None if c[0] is None else np.concatenate(c)
+            for c in zip(*parts, strict=True)]
+    prompt = cols[3] if cols[3] is not None and cols[3].any() else None
+    return Docs(shards, cols[0], cols[1], cols[2], prompt), \
+        source[0] if len(source) == 1 else np.concatenate(source)
 
 
 # --------------------------------------------------------------------------- shares
@@ -220,6 +229,16 @@ class _Stream:
                 for k, v in host.items()}
 
 
+def _narrow(ids: np.ndarray) -> np.ndarray:
+    """Document or row ids (numpy's permutations are int64) as int32: an epoch's order is
+    the largest per-document array a run holds, and the values are the same."""
+    return ids.astype(np.int32) if len(ids) < 2**31 else ids
+
+
+def _visit(rng: np.random.Generator, n_rows: int, shuffle: bool) -> np.ndarray:
+    return _narrow(rng.permutation(n_rows) if shuffle else np.arange(n_rows))
+
+
 class TrainIterator(_Stream):
     """Endless, shuffled, resumable global batches of the training sources.
 
@@ -261,12 +280,19 @@ class TrainIterator(_Stream):
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             rng = np.random.default_rng([self.seed % 2**63, epoch, self.share])  # seeds >= 0
             if self.plan.plain:
-                order = rng.permutation(self.n_docs) if self.shuffle else None
+                order = _narrow(rng.permutation(self.n_docs)) if self.shuffle else None
             else:
                 docs = self.plan.documents(epoch)
-                order = docs[rng.permutation(len(docs))] if self.shuffle else np.sort(docs)
+                order = _narrow(docs[rng.permutation(len(docs))] if self.shuffle
+                                else np.sort(docs))
+            self._epoch_cache = None  # the last epoch's arrays go before the next one's come
+            # Fixed epochs know their row count: the visit order (and numpy's int64 copy of
+            # it) is drawn before the packer's offsets exist, so the two peaks do not add up.
+            n_rows = self.rows_per_epoch if self.fixed else None
+            visit = _visit(rng, n_rows, self.shuffle) if n_rows else None
             packer = self._packer(order)
-            visit = rng.permutation(packer.n_rows) if self.shuffle else np.arange(packer.n_rows)
+            if visit is None:
+                visit = _visit(rng, packer.n_rows, self.shuffle)
             self._epoch_cache = (epoch, packer, visit)
         return self._epoch_cache[1], self._epoch_cache[2]
 

@@ -6,7 +6,7 @@ deleted afterwards), then:
 - pipeline: a fresh process maps the cache and draws packed, shuffled batches of
   configs/tiny.py's shape (4096 tokens a row); packed tokens per second delivered (host
   arrays, what the trainer hands to `make_array_from_process_local_data`) and the process's
-  peak RSS (`ru_maxrss`: jax imported, index and batches included).
+  peak RSS (VmHWM: jax imported, index and batches included).
 """
 
 from __future__ import annotations
@@ -63,8 +63,18 @@ def pipeline_child(files: str, cache_dir: str, batches: int) -> None:
         b = it.next_host_batch()
         tokens += b["tokens"].size
     dt = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(json.dumps({"tokens_per_sec": tokens / dt, "peak_rss_gib": rss}))
+    print(json.dumps({"tokens_per_sec": tokens / dt, "peak_rss_gib": peak_rss_gib()}))
+
+
+def peak_rss_gib(pid: str = "self") -> float:
+    """VmHWM, the peak resident set of this process image. Not `ru_maxrss`: Linux carries
+    that across exec from the parent's memory at the spawn (vfork), so a child started after
+    a 4 GB build reported the builder's peak, not its own."""
+    status = Path(f"/proc/{pid}/status")
+    for line in status.read_text().splitlines() if status.is_file() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # KiB -> GiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # not Linux
 
 
 def _measure_size(gb: float, root: Path, batches: int) -> dict:
