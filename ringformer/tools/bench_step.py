@@ -175,9 +175,13 @@ def step_speed(*, shape: str = "tiny", seq: int = 8192, sp: int = 8, repeats: in
     for r in rows:
         r["mfu"] = round(metrics.mfu(r["tokens_per_sec"], flops_per_token, 1, peak), 4)
     rows[1]["ring_overhead"] = round(rows[1]["seconds_per_step"] / rows[0]["seconds_per_step"] - 1, 4)
+    # The whole training loop (configs/tiny.py): real data loading against pre-placed batches.
+    from ringformer.tools import bench_loop
+    trainer = bench_loop.loop_data_vs_prefed()
     return {"bench": "step", "model": shape, "seq": seq, "matmul_flops_per_sec": peak,
             "mfu_note": "virtual CPU devices share the machine's cores: MFU is against the "
-                        "whole machine's measured fp32 matmul rate", "rows": rows}
+                        "whole machine's measured fp32 matmul rate", "rows": rows,
+            "data_vs_prefed": trainer["data_vs_prefed"], "loop": trainer}
 
 
 def llama_1b_config():
