@@ -6,6 +6,9 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging
+import sys
+
 
 class UserError(Exception):
     """A bad input (config, data, path, checkpoint, mesh) with a one-line reason and a fix."""
@@ -34,3 +37,23 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, damaged, or written by an incompatible config."""
+
+
+def close_all(*closers) -> None:
+    """Call every closer in order, even after one fails, and raise the first failure.
+
+    An exception already propagating (the caller is in a `finally` block) is the one to
+    report: a closer that then fails on the same cause (a full disk fails the metrics flush
+    after the checkpoint) must not replace it, so its failure is only logged at DEBUG.
+    """
+    in_flight = sys.exc_info()[1]
+    first: BaseException | None = None
+    for close in closers:
+        try:
+            close()
+        except Exception as e:
+            if first is None:
+                first = e
+            logging.getLogger(__name__).debug("%s failed during cleanup", close, exc_info=True)
+    if first is not None and in_flight is None:
+        raise first

@@ -395,6 +395,42 @@ def test_failed_background_save_exits_at_once_with_one_line(tmp_path):
     assert (tmp_path / "checkpoints").read_text() == "precious\n"
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: a disk that really fills up, without filling the machine's."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                             capture_output=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(home, trained, small_disk):
+    """With the whole workdir on a full disk the save failed, then the metrics' TensorBoard
+    flush failed on the way out and replaced the error with its own traceback, tensorboardX's
+    exit hook and thread added two more, and tensorstore printed dozens of `Event loop is
+    closed` tracebacks (writes finishing after orbax had closed the failed save's loop)."""
+    workdir = small_disk / "run"
+    shutil.copytree(trained, workdir)
+    before = snapshot(workdir / "checkpoints")
+    # Fill the disk but for a little: metric rows still fit, the next checkpoint does not.
+    st = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 96 * 1024))
+    proc = train(workdir, "--config.train.steps=8", data=home / "data" / "train.jsonl")
+    assert_user_error(proc, "No space left on device", "check free disk space")
+    # Nothing lost: the earlier checkpoints are as they were, and still restore.
+    assert snapshot(workdir / "checkpoints").items() >= before.items()
+    from ringformer.train.checkpoint import Checkpointer
+
+    with Checkpointer(workdir, keep=3) as ck:
+        assert ck.latest_valid_step() == 6
+
+
 # ----------------------------------------------------------------------------- the lock
 
 

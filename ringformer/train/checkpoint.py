@@ -224,6 +224,7 @@ class Checkpointer:
         self._manager.reload()  # our own moves and deletions are invisible to its step cache
         self._held = orbax_failures.HeldOrbaxErrors()
         logging.getLogger("absl").addFilter(self._held)
+        orbax_failures.quiet_echoes_of_failed_saves()
         try:
             self._manager.save(step, force=True, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state_pytree),

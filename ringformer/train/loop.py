@@ -28,7 +28,7 @@ from ringformer import limits, model, optim, sharding
 from ringformer.config import validate
 from ringformer.data import pipeline as data_lib
 from ringformer.data.tokenizer import load_tokenizer
-from ringformer.errors import UserError
+from ringformer.errors import UserError, close_all
 from ringformer.eval import perplexity as evaluate
 from ringformer.mesh import make_mesh
 from ringformer.ops import layouts
@@ -234,11 +234,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, stop: _StopSignal) 
         # The final step (or the step a stop signal arrived at) is always saved.
         save(step, state)
     finally:
-        feed.close()
-        bar.close()
-        checkpointer.wait()
-        checkpointer.close()
-        logger.close()
+        # Each is closed even if one fails; an error already on its way is the one reported.
+        close_all(feed.close, bar.close, checkpointer.wait, checkpointer.close, logger.close)
     if run.lead:
         metrics.plot_metrics(workdir)
     return {**reader.last, "step": step, "stopped_by_signal": stop.received is not None}

@@ -257,8 +257,12 @@ class MetricsLogger:
         row.update({k: _scalar(v) for k, v in metrics.items()})
         if not self.enabled:
             return row
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: one error line, not a traceback
+            raise UserError(f"cannot write {self.path}: {e.strerror}",
+                            "check free disk space and permissions") from e
         for key, value in row.items():
             if key != "step" and isinstance(value, int | float):
                 self._tb.add_scalar(key, value, int(step))
@@ -270,10 +274,16 @@ class MetricsLogger:
             self._tb.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._tb.close()
-            self._file = self._tb = None
+        if self._file is None:
+            return
+        file, tb, self._file, self._tb = self._file, self._tb, None, None
+        try:
+            file.close()
+            tb.close()
+        except OSError as e:
+            _abandon_tb(tb)
+            raise UserError(f"cannot write the metrics of {self.path.parent}: {e.strerror}",
+                            "check free disk space and permissions") from e
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -281,6 +291,22 @@ class MetricsLogger:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _abandon_tb(tb) -> None:
+    """Stop a TensorBoard writer whose close failed (a full disk), without more output.
+
+    Its close stops at the failed flush, leaving its worker thread running and its atexit
+    hook to flush again at exit: two more tracebacks after the error line. Marked closed, the
+    hook does nothing. Uses tensorboardX internals, each guarded.
+    """
+    for writer in list((getattr(tb, "all_writers", None) or {}).values()):
+        events = getattr(writer, "event_writer", None)
+        try:
+            events._closed = True
+            events._worker.stop()
+        except Exception:  # best effort: the failure is being reported already
+            log.debug("could not stop a TensorBoard writer", exc_info=True)
 
 
 def progress_bar(total: int, *, initial: int = 0, enabled: bool = True):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,52 @@ def _close_coroutine(coro: Any, depth: int) -> None:
             if inspect.iscoroutine(value):
                 _close_coroutine(value, depth - 1)
     coro.close()
+
+
+def quiet_echoes_of_failed_saves() -> None:
+    """Keep the echoes of a failed orbax save off stderr; the failure itself is reported once.
+
+    Orbax runs each save's coroutine on an event loop of its own and closes the loop when
+    the coroutine ends. When one write fails (a full disk) the coroutine ends at once, and
+    - each of its other writes, finishing later, tries to wake the closed loop: tensorstore
+      prints that RuntimeError with its traceback (PyErr_Print, so through sys.excepthook),
+      dozens of them, before and after our one error line;
+    - the writes that failed too are tasks nobody awaits: asyncio logs "Task exception was
+      never retrieved" with a traceback when they are garbage collected, even at exit.
+    Nothing waits on that loop or those tasks any more, so both go to DEBUG; any other
+    exception or asyncio record passes as before. Installed once per process, at the first
+    save, since the echoes outlive the save that caused them.
+    """
+    if getattr(sys.excepthook, "_ringformer_quiet", False):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if _is_callback_to_closed_loop(exc, tb):
+            log.debug("a callback to a closed event loop (a failed orbax save)",
+                      exc_info=(exc_type, exc, tb))
+            return
+        previous(exc_type, exc, tb)
+
+    hook._ringformer_quiet = True
+    sys.excepthook = hook
+    logging.getLogger("asyncio").addFilter(_unretrieved_orbax_failure)
+
+
+def _is_callback_to_closed_loop(exc: BaseException | None, tb: Any) -> bool:
+    if not isinstance(exc, RuntimeError) or str(exc) != "Event loop is closed":
+        return False
+    return "call_soon_threadsafe" in [f.name for f in traceback.extract_tb(tb)]
+
+
+def _unretrieved_orbax_failure(record: logging.LogRecord) -> bool:
+    """False (drop, after a DEBUG copy) for asyncio's report of an orbax task's lost error."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None or not any(f.filename.startswith(_ORBAX_DIR)
+                              for f in traceback.extract_tb(exc.__traceback__)):
+        return True
+    log.debug("asyncio: %s", record.getMessage(), exc_info=record.exc_info)
+    return False
 
 
 def current_operation_id() -> str | None:
