@@ -23,6 +23,7 @@ same entry serialise on a lock file; the others then map what the first one wrot
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -187,8 +188,16 @@ def entry_problem(path: Path, *, full: bool = False) -> str | None:
     try:
         if manifest.get("version") != CACHE_VERSION:
             return f"written by cache version {manifest.get('version')}"
+        # Every field `Entry` reads is checked here: one missing (a hand-edited manifest)
+        # was a KeyError when the entry was opened, after this check had passed it.
+        if np.dtype(manifest["dtype"]).kind != "u":
+            return f"its manifest.json names token dtype {manifest['dtype']!r}"
+        if any(f"{k}.npy" not in manifest["index"] for k in _INDEX[:4]):
+            return "its manifest.json lacks part of the document index"
         files = [(s["name"], s) for s in manifest["shards"]] + list(manifest["index"].items())
         for name, meta in files:
+            if not isinstance(name, str) or Path(name).name != name:  # never outside the entry
+                return "its manifest.json is malformed"
             f = path / name
             if not f.is_file() or f.stat().st_size != meta["bytes"]:
                 size = f.stat().st_size if f.is_file() else "missing"
@@ -216,12 +225,18 @@ def open_source(files, tokenizer: Tokenizer, *, text_field: str = "text",
     root = cache_root(paths, cache_dir)
     what, state = entry_name(paths, text_field, tokenizer)
     entry = root / f"{what}-{state}"
-    with open(root / f".{what}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with _locked(root / f".{what}.lock"):
+        if entry.exists() and not entry.is_dir():
+            # Not something a build makes, so not ours to delete (and a rename onto it fails).
+            raise DataError(f"tokenized cache entry {entry} is a file, not a directory",
+                            "move it aside, or point data.cache_dir at another directory")
         if entry.exists():
             problem = entry_problem(entry)
             if problem is None:
-                return Entry(entry)
+                try:
+                    return Entry(entry)
+                except (KeyError, TypeError, ValueError, OSError) as e:
+                    problem = f"it cannot be opened: {e!r}"  # damage entry_problem missed
             warnings.warn(f"tokenized cache {entry} is damaged ({problem}): rebuilding",
                           src.DataWarning, stacklevel=2)
         tmp = root / f"{what}-{state}.tmp-{os.getpid()}"
@@ -236,6 +251,19 @@ def open_source(files, tokenizer: Tokenizer, *, text_field: str = "text",
                 shutil.rmtree(old, ignore_errors=True)
         os.rename(tmp, entry)
         return Entry(entry)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the entry's build lock: builders of one entry serialise on this file."""
+    try:
+        lock = open(path, "a")  # noqa: SIM115 (closed below; the lock goes with it)
+    except OSError as e:  # a directory or an unwritable file at its path: not ours to remove
+        raise DataError(f"cannot open the tokenized cache's lock file {path}: {e.strerror}",
+                        "move it aside, or point data.cache_dir at another directory") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def iter_documents(entry: Entry, eos_id: int) -> Iterator[np.ndarray]:

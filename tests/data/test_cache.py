@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -180,3 +181,47 @@ def test_a_malformed_manifest_is_damage_not_a_traceback(tmp_path, manifest):
     with pytest.warns(sources.DataWarning, match="damaged"):
         again = cache.open_source(str(path), TOK, cache_dir=str(tmp_path / "cc"))
     assert [TOK.decode(d) for d in cache.iter_documents(again, 1)] == docs
+
+
+@pytest.mark.parametrize("damage", ["no dtype", "float dtype", "no doc_len", "shard outside"])
+def test_a_manifest_missing_what_the_entry_reads_is_damage(tmp_path, damage):
+    """A manifest that passed the shape check but lacked `dtype` (or an index file) raised
+    KeyError when the entry was opened; a shard named outside the entry was read."""
+    docs, path = _corpus(tmp_path)
+    entry = cache.open_source(str(path), TOK, cache_dir=str(tmp_path / "cc"))
+    m = json.loads((entry.path / "manifest.json").read_text())
+    if damage == "no dtype":
+        del m["dtype"]
+    elif damage == "float dtype":
+        m["dtype"] = "float32"
+    elif damage == "no doc_len":
+        del m["index"]["doc_len.npy"]
+    else:
+        m["shards"][0]["name"] = "../../c.jsonl"
+    (entry.path / "manifest.json").write_text(json.dumps(m))
+    assert cache.entry_problem(entry.path) is not None
+    with pytest.warns(sources.DataWarning, match=f"tokenized cache {entry.path} is damaged"):
+        again = cache.open_source(str(path), TOK, cache_dir=str(tmp_path / "cc"))
+    assert [TOK.decode(d) for d in cache.iter_documents(again, 1)] == docs
+    assert json.loads(path.read_text().splitlines()[0])["text"] == docs[0]  # the data is kept
+
+
+def test_a_file_at_the_entry_or_a_directory_at_the_lock_is_refused_and_kept(tmp_path):
+    """A regular file where the entry goes was read as a damaged entry, then the rename of the
+    rebuilt one onto it failed with a traceback; a directory at the lock path was an
+    IsADirectoryError traceback. Neither is the cache's to delete: one DataError each."""
+    _, path = _corpus(tmp_path)
+    root = tmp_path / "cc"
+    entry = cache.open_source(str(path), TOK, cache_dir=str(root)).path
+    shutil.rmtree(entry)
+    entry.write_text("not a cache entry\n")
+    with pytest.raises(DataError, match=f"tokenized cache entry {entry} is a file"):
+        cache.open_source(str(path), TOK, cache_dir=str(root))
+    assert entry.read_text() == "not a cache entry\n"
+    entry.unlink()
+    lock = next(root.glob(".tokens-*.lock"))
+    lock.unlink()
+    (lock / "mine").mkdir(parents=True)
+    with pytest.raises(DataError, match=f"cannot open the tokenized cache's lock file {lock}"):
+        cache.open_source(str(path), TOK, cache_dir=str(root))
+    assert (lock / "mine").is_dir()
