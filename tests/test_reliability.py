@@ -187,6 +187,11 @@ BAD_INPUT = [
     ("config_value_of_wrong_type", ["--config.train.steps=many"],
      ["--config.train.steps=many"]),
     ("lr_zero", ["--config.optim.lr=0"], ["optim.lr=0.0 must be positive"]),
+    # Named by the flag that set it (it was "config file configs/smoke.py: optim.lr=inf").
+    ("lr_inf_by_flag", ["--config.optim.lr=inf"],
+     ["error: --config.optim.lr=inf is not a finite float32 number"]),
+    ("seed_past_int32_by_flag", ["--config.train.seed", "1099511627776"],
+     ["error: --config.train.seed=1099511627776 does not fit a 32-bit integer"]),
     ("lr_negative", ["--config.optim.lr=-0.001"], ["optim.lr=-0.001 must be positive"]),
     ("steps_zero", ["--config.train.steps=0"], ["train.steps=0 must be positive"]),
     ("missing_data_file", ["--config.data.train_files={home}/data/nope.jsonl"],
@@ -255,6 +260,17 @@ def test_bad_config_file_is_one_line(home, tmp_path, config):
     assert ("does not exist" in line) == ("no_such" in config)
     assert "SyntaxError" in line or "no_such" in config
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_value_set_by_the_config_file_names_the_file(home, tmp_path):
+    config = home / "inf_lr.py"
+    config.write_text(f"import runpy\n\ndef get_config():\n"
+                      f"    c = runpy.run_path({SMOKE!r})['get_config']()\n"
+                      f"    c.optim.lr = float('inf')\n    return c\n")
+    proc = subprocess.run([sys.executable, TRAIN, "--config", str(config), "--workdir",
+                           str(tmp_path / "run"), "--config.optim.b1=0.5"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert_user_error(proc, f"error: config file {config}: optim.lr=inf is not a finite")
 
 
 def test_workdir_that_is_a_file_is_refused_and_kept(home, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -206,8 +207,23 @@ def parse_flags(argv: list[str]) -> None:
         try:
             check_structure(flag.value)
         except ConfigError as e:
-            raise ConfigError(f"config file {path}: {e.what}", e.fix) from e
+            raise ConfigError(_blame(e.what, argv, name, path), e.fix) from e
         check_config(flag.value)
+
+
+def _blame(what: str, argv: list[str], name: str, path: str) -> str:
+    """`what` ("section.key=value ...") said of the flag that set the value, else of the file.
+
+    A value given as `--config.optim.lr=inf` was reported as "config file X.py: ...", sending
+    the user to a file that never held it.
+    """
+    key = re.match(r"([A-Za-z_]\w*\.[A-Za-z_]\w*)=", what)
+    if key:
+        for arg in argv:
+            for prefix in (f"--{name}.", f"-{name}."):
+                if arg.startswith(prefix) and arg[len(prefix):].split("=", 1)[0] == key[1]:
+                    return f"--{name}.{what}"
+    return f"config file {path}: {what}"
 
 
 def _config_path(argv: list[str], config_names: list[str]) -> str:
