@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install train test lint bench data clean
+.PHONY: install train test lint bench data clean longctx
 
 install: $(STAMP)
 
@@ -33,6 +33,25 @@ bench: $(STAMP)
 	$(PY) scripts/bench.py layout --json
 	$(PY) scripts/bench.py attention --json
 	$(PY) scripts/bench.py step --json
+
+# The long-context recipe (docs/long_context.md); not part of `make test`. LONGCTX_EVAL adds
+# flags to both evaluations (e.g. --batch 1); PASSKEY the held-out prompts' file.
+LONGCTX      := runs/longctx
+LONGCTX_DATA := --retrieval_examples 4000 --retrieval_long_examples 400
+PASSKEY      := data/longctx/heldout_passkey.jsonl
+
+longctx: $(STAMP)
+	$(PY) scripts/prepare_data.py $(LONGCTX_DATA)
+	$(PY) scripts/train.py --config configs/longctx_stage1.py --workdir $(LONGCTX)/stage1
+	$(PY) scripts/train.py --config configs/longctx_stage2.py --workdir $(LONGCTX)/stage2 \
+	    --config.train.init_from=$(LONGCTX)/stage1
+	for s in stage1 stage2; do \
+	    $(PY) scripts/eval.py --workdir $(LONGCTX)/$$s --data data/longctx/heldout_long.jsonl \
+	        --context 16384 --passkey_file $(PASSKEY) --out $(LONGCTX)/eval_$$s.json \
+	        $(LONGCTX_EVAL) || exit 1; \
+	done
+	$(PY) scripts/longctx_report.py --eval "stage 1=$(LONGCTX)/eval_stage1.json" \
+	    --eval "stage 2=$(LONGCTX)/eval_stage2.json" --out_dir $(LONGCTX)
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache

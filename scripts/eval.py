@@ -2,6 +2,7 @@ r"""Perplexity of long documents, loss by position in the window, and passkey re
 
     python scripts/eval.py --workdir runs/tiny --data data/stdlib/eval.jsonl --context 16384 \
         --out runs/tiny/eval.json [--stride 8192] [--mesh dp=1,fsdp=1,sp=8,tp=1] [--passkey]
+        [--passkey_generate] [--passkey_file data/longctx/heldout_passkey.jsonl]
     python scripts/eval.py --hf HF_DIR --tokenizer HF_DIR --data doc.txt --context 4096 --out r.json
 
 Writes OUT.json, OUT.png (loss against position) and, with --passkey, OUT_passkey.png.
@@ -36,6 +37,10 @@ flags.DEFINE_list("passkey_lengths", None, "Prompt lengths (default: context/8 .
 flags.DEFINE_list("passkey_depths", ["0", "0.25", "0.5", "0.75", "1"], "Key depths in [0, 1].")
 flags.DEFINE_integer("passkey_trials", 2, "Prompts per (length, depth).")
 flags.DEFINE_integer("passkey_candidates", 8, "Candidate keys ranked by likelihood.")
+flags.DEFINE_bool("passkey_generate", False, "Score passkey retrieval by real greedy "
+                  "generation (exact match of the generated key) instead of candidates.")
+flags.DEFINE_string("passkey_file", None, "Passkey prompts (JSON lines: prompt, key, length, "
+                    "depth), e.g. data/longctx/heldout_passkey.jsonl; implies --passkey_generate.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
@@ -83,16 +88,20 @@ def main() -> None:
 
     # Before waiting for peers or loading anything; run() checks again for callers in Python.
     check_options(context=FLAGS.context, out=FLAGS.out, stride=FLAGS.stride,
-                  batch_size=FLAGS.batch, passkey=FLAGS.passkey, passkey_lengths=lengths,
+                  batch_size=FLAGS.batch,
+                  passkey=FLAGS.passkey or FLAGS.passkey_generate or bool(FLAGS.passkey_file),
+                  passkey_lengths=lengths,
                   passkey_depths=depths, passkey_trials=FLAGS.passkey_trials,
                   passkey_candidates=FLAGS.passkey_candidates)
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     r = run(data=FLAGS.data, context=FLAGS.context, out=FLAGS.out, workdir=FLAGS.workdir,
             step=FLAGS.step, hf_dir=FLAGS.hf, stride=FLAGS.stride, mesh_sizes=sizes,
-            tokenizer=FLAGS.tokenizer, batch_size=FLAGS.batch, passkey=FLAGS.passkey,
+            tokenizer=FLAGS.tokenizer, batch_size=FLAGS.batch,
+            passkey=FLAGS.passkey or FLAGS.passkey_generate,
             passkey_lengths=lengths, passkey_depths=depths, passkey_trials=FLAGS.passkey_trials,
             passkey_candidates=FLAGS.passkey_candidates, dtype=FLAGS.dtype,
-            allow_longer_context=FLAGS.allow_longer_context, text_field=FLAGS.text_field)
+            allow_longer_context=FLAGS.allow_longer_context, text_field=FLAGS.text_field,
+            passkey_generate=FLAGS.passkey_generate, passkey_file=FLAGS.passkey_file)
     summary = f"ppl {r['ppl']:.4f}  loss {r['loss']:.4f}  tokens {r['tokens']}  -> {FLAGS.out}"
     if "passkey" in r:
         summary += f"  passkey greedy {r['passkey']['greedy_mean']:.0%}"

@@ -21,7 +21,7 @@ from ringformer.data.pipeline import document_tokens
 from ringformer.data.sources import resolve_files
 from ringformer.data.tokenizer import Tokenizer, load_tokenizer
 from ringformer.errors import ConfigError, DataError, UserError
-from ringformer.eval import options, plots
+from ringformer.eval import options, passkey_gen, plots
 from ringformer.eval import passkey as passkey_eval
 from ringformer.eval.perplexity import Evaluator, evaluate_documents
 from ringformer.mesh import make_mesh
@@ -88,6 +88,8 @@ class PasskeyOptions:
     depths: Sequence[float] | None = None
     trials: int = 1
     candidates: int = 8
+    generate: bool = False  # real greedy generation, exact match, instead of scored candidates
+    file: str | None = None  # prompts from this JSON-lines file (implies generate)
 
 
 def run(*, data: Sequence[str] | str, context: int, out: str, workdir: str | None = None,
@@ -96,10 +98,12 @@ def run(*, data: Sequence[str] | str, context: int, out: str, workdir: str | Non
         batch_size: int | None = None, passkey: bool = False,
         passkey_lengths: Sequence[int] | None = None, passkey_depths: Sequence[float] | None = None,
         passkey_trials: int = 1, passkey_candidates: int = 8, allow_longer_context: bool = False,
-        dtype: str = "auto", text_field: str = "text", progress: bool = True) -> dict:
+        dtype: str = "auto", text_field: str = "text", progress: bool = True,
+        passkey_generate: bool = False, passkey_file: str | None = None) -> dict:
     """What `scripts/eval.py` does: load, score, write OUT.json and its PNGs (process 0)."""
-    pk = PasskeyOptions(passkey_lengths, passkey_depths, passkey_trials, passkey_candidates) \
-        if passkey else None
+    pk = PasskeyOptions(passkey_lengths, passkey_depths, passkey_trials, passkey_candidates,
+                        passkey_generate or bool(passkey_file), passkey_file) \
+        if passkey or passkey_file else None
     _check_before_loading(data, context=context, out=out, stride=stride, batch_size=batch_size,
                           pk=pk)
     mesh, sizes = _make_mesh(mesh_sizes, context, batch_size)
@@ -117,15 +121,7 @@ def run(*, data: Sequence[str] | str, context: int, out: str, workdir: str | Non
     result.update(model=source, tokenizer=tok.name, mesh=sizes, seq_len=evaluator.seq_len,
                   data=[str(d) for d in ([data] if isinstance(data, str) else data)])
     if plan:
-        lengths, depths, tasks = plan
-        from ringformer.generate.api import Generator
-        from ringformer.generate.score import continuation_scores
-
-        # One prefill per prompt, its candidates' answers then teacher-forced from the cache.
-        gen = Generator(cfg, params, mesh=mesh, allow_longer=True)
-        result["passkey"] = passkey_eval.run_passkey(
-            lambda rows: continuation_scores(gen, rows), tok, lengths, depths, trials=pk.trials,
-            n_candidates=pk.candidates, tasks=tasks)
+        result["passkey"] = _score_passkey(cfg, params, mesh, tok, pk, plan, progress and lead)
     if lead:
         _write_results(result, out_path)
     return result
@@ -140,6 +136,8 @@ def _check_before_loading(data: Sequence[str] | str, *, context: int, out: str,
         passkey_trials=pk.trials, passkey_candidates=pk.candidates)
     options.check_options(context=context, out=out, stride=stride, batch_size=batch_size,
                           **pk_flags)
+    if pk is not None and pk.file:
+        passkey_gen.read_prompts(pk.file)
     try:
         resolve_files(data)  # paths only; reading comes once the model is known to be good
     except DataError as e:
@@ -167,13 +165,47 @@ def _tokenizer(spec: str | None, cfg: model.ModelConfig, hf_dir: str | None) -> 
     return tok
 
 
+def _score_passkey(cfg: model.ModelConfig, params: dict, mesh: jax.sharding.Mesh,
+                   tok: Tokenizer, pk: PasskeyOptions, plan: tuple, progress: bool) -> dict:
+    from ringformer.generate.api import Generator
+
+    lengths, depths, tasks = plan
+    gen = Generator(cfg, params, mesh=mesh, allow_longer=True)
+    if pk.generate:
+        rows = mesh.shape["dp"] * mesh.shape["fsdp"]
+
+        def generate(prompts: list[list[int]], new: int) -> list:
+            # Padded with copies of the last prompt to a multiple of the batch devices.
+            padded = prompts + [prompts[-1]] * (-len(prompts) % rows)
+            out = gen.generate(padded, max_new_tokens=new, eos_id=tok.eos_id).tokens
+            return out[:len(prompts)]
+
+        return passkey_gen.run_generate(generate, tok, tasks, progress=progress)
+    from ringformer.generate.score import continuation_scores
+
+    # One prefill per prompt, its candidates' answers then teacher-forced from the cache.
+    return passkey_eval.run_passkey(
+        lambda rows: continuation_scores(gen, rows), tok, lengths, depths, trials=pk.trials,
+        n_candidates=pk.candidates, tasks=tasks)
+
+
 def _passkey_tasks(tok: Tokenizer, context: int,
                    pk: PasskeyOptions) -> tuple[list[int], list[float], list]:
     """(lengths, depths, tasks), built before the perplexity pass: a length that cannot hold a
-    prompt is refused now rather than after a long evaluation."""
+    prompt is refused now rather than after a long evaluation. With generation the tasks are
+    prompt records (passkey_gen)."""
+    if pk.file:
+        prompts = passkey_gen.read_prompts(pk.file)
+        longest = max(int(p["length"]) for p in prompts)
+        if longest > context:
+            raise ConfigError(f"--passkey_file {pk.file} has prompts of {longest} tokens, past "
+                              f"--context {context}", f"use --context {longest} or more")
+        return sorted({p["length"] for p in prompts}), sorted({p["depth"] for p in prompts}), prompts
     lengths = list(pk.lengths or passkey_eval.default_lengths(context, tok))
     options.check_passkey_lengths(tok, lengths, context)
     depths = list(pk.depths or passkey_eval.DEPTHS)
+    if pk.generate:
+        return lengths, depths, passkey_gen.make_prompts(tok, lengths, depths, trials=pk.trials)
     try:
         tasks = passkey_eval.make_tasks(tok, lengths, depths, trials=pk.trials,
                                         n_candidates=pk.candidates)

@@ -1,0 +1,45 @@
+"""Long-context recipe, stage 2: extend stage 1's model from 4K to 16K tokens per row.
+
+    python scripts/train.py --config configs/longctx_stage2.py --workdir runs/longctx/stage2
+
+Starts from runs/longctx/stage1 (`train.init_from`: its parameters, a fresh optimizer). RoPE
+theta goes up 4x with the context, the LWM / Code Llama recipe: the slowest rotations then
+turn no further over 16K positions than they did over 4K. The mixture up-samples long
+documents: stdlib files of 16K tokens or more four times per epoch, retrieval examples of 4K
+to 16K tokens (data/longctx/train_long.jsonl) beside the short ones, so the answers now come
+from far back. Mesh sp=8: one 16K row on a ring of 8.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+# By path: a config file is loaded by path too, with no package around it.
+_spec = importlib.util.spec_from_file_location(
+    "longctx_stage1", Path(__file__).with_name("longctx_stage1.py"))
+longctx_stage1 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(longctx_stage1)
+
+LONG = "data/longctx/train_long.jsonl"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = longctx_stage1.get_config()
+    c.train.init_from = "runs/longctx/stage1"
+    c.train.steps = 60
+    c.train.eval_every = 30
+    c.train.save_every = 30
+
+    c.mesh.dp, c.mesh.fsdp, c.mesh.sp, c.mesh.tp = 1, 1, 8, 1
+
+    c.data.seq_len = 16384
+    c.data.global_batch_size = 1
+    c.data.sources = (f"{longctx_stage1.STDLIB}:0.04:16384:4,{longctx_stage1.SHORT}:0.48,"
+                      f"{LONG}:0.48")
+
+    c.model.rope_theta = 40000.0
+
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 5
+    return c
