@@ -53,7 +53,11 @@ def run_main(main: Callable[[], int | None]) -> None:
         _exit_past_stuck_threads(2)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted (run the same command again to resume)", file=sys.stderr)
+        message = "error: interrupted (run the same command again to resume)"
+        print(message, file=sys.stderr)
+        # A signal before the training loop reaches this process alone; its peers, waiting
+        # in a collective for it, must leave now with the same message, not after a timeout.
+        _exit_all_processes(message, 130)
         sys.exit(130)
     sys.exit(code or 0)
 
