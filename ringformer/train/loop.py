@@ -147,7 +147,8 @@ class _StopSignal:
 
         The save after the loop is collective, so every process must leave at the same step,
         and a scheduler's SIGTERM reaches the processes at different moments: they compare
-        flags each step (a tiny allgather; the step already waits for its metrics).
+        flags at the same steps (a tiny allgather, which waits for the device: `_stop_agreed`
+        asks every few steps and at the steps that wait anyway).
         """
         mine = self.received is not None
         if jax.process_count() == 1:
