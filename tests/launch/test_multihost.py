@@ -1,153 +1,23 @@
 """Multi-process training on JAX's distributed runtime, on one machine over loopback.
 
-Two processes with 4 virtual CPU devices each (gloo collectives) must train exactly like one
-process with 8; their checkpoint must resume in one process on another mesh; and a process
-that fails or dies must take the others down promptly instead of leaving them blocked in a
-collective. Every process started here is killed at the end of its test, whatever happens.
+Two processes with 4 virtual CPU devices each (gloo collectives) on (sp=4, tp=2), so that
+the ring crosses the process boundary, must train exactly like one process with 8 on sp=8;
+their checkpoint must resume in one process on another mesh; and a process that fails or
+dies must take the others down promptly instead of leaving them blocked in a collective.
+Every process started here is killed at the end of its test, whatever happens.
 
-Cost: two smoke runs shared by the comparison and the resume test (the one-process run is
-the same program as tests/test_train.py's, so the compilation cache serves whichever runs
-second), one resumed run, and a few runs that stop early.
+Cost: two smoke runs shared by the comparison and the resume test (`runs` in conftest.py,
+shared with test_multihost_rings.py), one resumed run, and a few runs that stop early.
 """
 
-import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from _corpus import write_corpus
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.py")  # 6 steps, checkpoints at 2, 4, 6, eval at 3, 6
-HEARTBEAT_S = 10  # how long a silent process counts as alive; bounds the waits below
-EXIT_WAIT_S = 120  # generous bound on "exits promptly": several heartbeats, far below a hang
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    return write_corpus(d / "train.jsonl", 60, 0), write_corpus(d / "eval.jsonl", 8, 1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env_for(devices: int, port: int | None = None) -> dict:
-    """conftest gives this process (and, through XLA_FLAGS, its children) 8 devices; a child
-    of a 2-process run must get the 4 that scripts/train.py asks for instead."""
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-    env["RINGFORMER_DIST_HEARTBEAT_TIMEOUT"] = str(HEARTBEAT_S)
-    env["RINGFORMER_DIST_INIT_TIMEOUT"] = "120"
-    env["RINGFORMER_DIST_SHUTDOWN_TIMEOUT"] = "60"
-    if port is not None:  # the coordinator listens on loopback only (JAX's default is all)
-        env["JAX_COORDINATOR_BIND_ADDRESS"] = f"127.0.0.1:{port}"
-    return env
-
-
-def cmd(workdir, corpus, *extra, train_file=None, evals=True):
-    train, eval_file = corpus
-    return [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", SMOKE,
-            "--workdir", str(workdir), f"--config.data.train_files={train_file or train}",
-            f"--config.data.eval_files={eval_file if evals else ''}", *extra]
-
-
-class Group:
-    """Processes of one run; stderr goes to files (gloo is chatty: a pipe could fill up)."""
-
-    def __init__(self, logs: Path):
-        self.logs, self.procs, self.files = logs, [], []
-        logs.mkdir(parents=True, exist_ok=True)
-
-    def start(self, argv, env):
-        i = len(self.procs)
-        err = open(self.logs / f"stderr.{i}", "w")  # noqa: SIM115 (closed in kill_all)
-        self.files.append(err)
-        self.procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                           stderr=err, text=True))
-        return self.procs[-1]
-
-    def stderr(self, i: int) -> str:
-        return (self.logs / f"stderr.{i}").read_text(errors="replace")
-
-    def wait_all(self, timeout: float) -> list[int]:
-        deadline = time.monotonic() + timeout
-        codes = []
-        for p in self.procs:
-            codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
-        return codes
-
-    def kill_all(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in self.files:
-            f.close()
-
-
-@pytest.fixture
-def group(tmp_path):
-    g = Group(tmp_path / "logs")
-    yield g
-    g.kill_all()
-
-
-def start_processes(group, n, workdir, corpus, *extra, train_files=None, evals=True):
-    port = free_port()
-    for i in range(n):
-        argv = cmd(workdir, corpus, *extra, evals=evals,
-                   train_file=None if train_files is None else train_files[i])
-        group.start([*argv, f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
-                     f"--process_id={i}"], env_for(8 // n, port))
-
-
-def run_to_end(group, n, workdir, corpus, *extra, evals=True, timeout=420):
-    if n == 1:
-        group.start(cmd(workdir, corpus, *extra, evals=evals), env_for(8))
-    else:
-        start_processes(group, n, workdir, corpus, *extra, evals=evals)
-    try:
-        codes = group.wait_all(timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"run did not finish in {timeout}s: {group.stderr(0)[-2000:]}")
-    for i, code in enumerate(codes):
-        assert code == 0, f"process {i} exited {code}: {group.stderr(i)[-3000:]}"
-
-
-def rows(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def column(workdir, key):
-    return {r["step"]: r[key] for r in rows(workdir) if key in r}
-
-
-@pytest.fixture(scope="module")
-def runs(corpus, tmp_path_factory):
-    """The smoke run on 2 processes x 4 devices and on 1 process x 8 (mesh fsdp=2, sp=4)."""
-    out = {}
-    for n in (2, 1):
-        base = tmp_path_factory.mktemp(f"procs{n}")
-        g = Group(base / "logs")
-        try:
-            run_to_end(g, n, base / "run", corpus)
-        finally:
-            g.kill_all()
-        out[n] = base / "run"
-    return out
+from _multiproc import EXIT_WAIT_S, HEARTBEAT_S, KV2, column, rows, run_to_end, start_processes
 
 
 def test_two_processes_train_like_one(runs):
@@ -168,7 +38,7 @@ def test_two_processes_train_like_one(runs):
         assert ck.all_steps() == [2, 4, 6] and ck.latest_valid_step() == 6
         data_state, config_json = ck.read_json(6)
     assert data_state["batches"] == 6
-    assert config_json["mesh"]["fsdp"] == 2 and config_json["mesh"]["sp"] == 4
+    assert (config_json["mesh"]["sp"], config_json["mesh"]["tp"]) == (4, 2)
 
 
 def test_one_process_yields_the_rows_two_processes_would(corpus):
@@ -202,9 +72,9 @@ def test_one_process_yields_the_rows_two_processes_would(corpus):
 
 def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(runs, corpus, group,
                                                                        tmp_path):
-    """Elastic resume: written by 2 processes on (fsdp=2, sp=4), continued by 1 on (fsdp=1,
-    sp=8). The data position (batches consumed) carries over; with one batch shard instead of
-    two, the stream it continues is the new mesh's (docs/multihost.md)."""
+    """Elastic resume: written by 2 processes on (sp=4, tp=2), continued by 1 on (fsdp=1,
+    sp=8). The data position (batches consumed) carries over; with dp*fsdp=1 on both meshes
+    the stream continues exactly (docs/multihost.md covers a change of batch shards)."""
     import jax
 
     from ringformer import model
@@ -217,7 +87,7 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(runs, cor
     shutil.copytree(runs[2], workdir)
     new_mesh = {"dp": 1, "fsdp": 1, "sp": 8, "tp": 1}
     run_to_end(group, 1, workdir, corpus, "--config.mesh.fsdp=1", "--config.mesh.sp=8",
-               "--config.train.steps=8", evals=False)
+               "--config.mesh.tp=1", KV2, "--config.train.steps=8", evals=False)
     losses = column(workdir, "loss")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6, 7, 8]  # appended after the 2-process rows
     assert losses[7] < losses[1] - 0.5  # continues from trained weights, not a fresh start
