@@ -96,6 +96,36 @@ def test_metrics_rows_are_complete_and_finite(straight):
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
 
 
+NAN_RUNNER = """
+import runpy, sys
+import jax.numpy as jnp
+from ringformer.data import pipeline
+nan_at, real_next = int(sys.argv.pop(1)), pipeline.TrainIterator.__next__
+def faulty(self):
+    batch = real_next(self)
+    return {**batch, "loss_mask": batch["loss_mask"] * jnp.nan} if self.batches == nan_at else batch
+pipeline.TrainIterator.__next__ = faulty
+sys.argv.pop(0)  # now train.py's own argv
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_non_finite_step_read_a_step_late_stops_at_that_step(straight, corpus, tmp_path):
+    """Step 3 is neither saved nor evaluated, so its metrics are read after step 4 is queued:
+    the run must still name step 3, keep checkpoint 2 and log nothing past step 2."""
+    runner = tmp_path / "nan_runner.py"
+    runner.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + NAN_RUNNER)
+    cmd = train_cmd(tmp_path / "run", corpus, "--config.train.eval_every=100")
+    proc = subprocess.run([cmd[0], str(runner), "3", *cmd[1:]], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "non-finite loss" in proc.stderr and "at step 3 (loss=nan" in proc.stderr
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == ["2"]
+    assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2]
+    assert [r["loss"] for r in rows(tmp_path / "run")] == [r["loss"] for r in rows(straight)[:2]]
+
+
 def test_mfu_of_a_row_by_hand(straight):
     """Smoke model: per layer wq 32*32 + wk,wv 2*32*16 + wo 32*32 + SwiGLU 3*32*64 = 9216
     weights, two layers plus the head 32*259: 26720, times 6; causal attention
