@@ -105,7 +105,10 @@ def main() -> None:
     summary = f"ppl {r['ppl']:.4f}  loss {r['loss']:.4f}  tokens {r['tokens']}  -> {FLAGS.out}"
     if "passkey" in r:
         summary += f"  passkey greedy {r['passkey']['greedy_mean']:.0%}"
-    print(summary)
+    import jax
+
+    if jax.process_index() == 0:  # one summary per run, as one OUT.json
+        print(summary)
 
 
 if __name__ == "__main__":

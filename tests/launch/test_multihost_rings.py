@@ -163,6 +163,8 @@ def test_eval_on_two_processes_gives_the_json_of_one(sp8, corpus, tmp_path):
     one = json.loads(json.dumps(one))  # tuples as lists, as the file has them
     assert_same_numbers(_strip(two), _strip(one))
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["r.json", "r.png"]
+    said = [g.logs / f"stdout.{i}" for i in range(2)]
+    assert ["ppl " in p.read_text() for p in said] == [True, False]  # process 0 reports
 
 
 def test_generation_on_two_processes_gives_the_json_of_one(sp8, tmp_path):
