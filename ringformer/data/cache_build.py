@@ -10,6 +10,7 @@ caller removes the unfinished entry.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -34,6 +35,23 @@ CACHE_VERSION = 2
 SHARD_TOKENS = 1 << 28  # a new shard file after this many tokens (512 MiB of uint16)
 POOL_MIN_BYTES = 32 << 20  # smaller sources tokenize inline: a pool costs a second to start
 _TOK: Tokenizer | None = None  # the worker process's tokenizer, set once by the pool
+_TRIM = None  # glibc's malloc_trim, looked up on first use (False: not available)
+TRIM_BYTES = 32 << 20  # text read between two trims (a trim costs about a millisecond)
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; nothing elsewhere). The
+    build frees a few MB of text and tokens per unit, and glibc keeps such freed blocks in its
+    heap: building a 4 GB corpus, RSS grew from 0.19 to 0.55 GiB with only ~40 MB of it
+    live; with a trim every 32 MB of text it stays between 0.11 and 0.21 GiB throughout."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
 
 
 def default_workers() -> int:
@@ -242,7 +260,7 @@ def build_entry(paths: Sequence[Path], tok: Tokenizer, text_field: str, out: Pat
         workers = 1
     writer = _Writer(out, token_dtype(tok))
     tallies = [src.FileTally(str(p)) for p in paths]
-    done, n_docs, n_tokens = 0, 0, 0
+    done, n_docs, n_tokens, read = 0, 0, 0, 0
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
                disable=total < POOL_MIN_BYTES, leave=False)
     # closing: an error stops the pool now, not when the traceback holding it is freed.
@@ -258,6 +276,9 @@ def build_entry(paths: Sequence[Path], tok: Tokenizer, text_field: str, out: Pat
             writer.add(tokens, lengths, prompts, fid)
             n_docs, n_tokens = n_docs + len(lengths), n_tokens + len(tokens)
             bar.update(size)
+            read += size
+            if (read - size) // TRIM_BYTES != read // TRIM_BYTES:
+                _release_freed_memory()
     empty = sum(t.finish() for t in tallies[done:]) + sum(t.empty for t in tallies[:done])
     if empty:
         warnings.warn(f"skipped {empty} empty document(s)", src.DataWarning, stacklevel=3)
