@@ -1,9 +1,13 @@
 """The index held in its narrowest dtypes: same values, and no arithmetic that could wrap."""
 
+import json
+
+import ml_collections
 import numpy as np
 
-from ringformer.data import cache, mixture
+from ringformer.data import cache, mixture, pipeline
 from ringformer.data.packing import Docs, Packer
+from ringformer.data.tokenizer import load_tokenizer
 
 
 def test_index_arrays_load_narrow_with_the_same_values(tmp_path):
@@ -35,3 +39,19 @@ def test_narrow_order_packs_the_same_rows():
     for a, b in zip(wide.rows(range(wide.n_rows)), narrow.rows(range(narrow.n_rows)),
                     strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_plain_source_holds_no_copy_of_the_index(tmp_path):
+    """What keeps a run's memory near 25 bytes a document (docs/BENCHMARKS.md): the share
+    reads the entry's narrow index through views, no pool, int32 orders."""
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": "x" * (i % 50 + 1)}) + "\n" for i in range(300)))
+    cfg = ml_collections.ConfigDict({"train_files": str(path), "seq_len": 16,
+                                     "global_batch_size": 2, "cache_dir": str(tmp_path / "cc")})
+    it = pipeline.TrainIterator(cfg, load_tokenizer("byte"), None, seed=0)
+    entry = it.opened[0][1]
+    assert entry.start.itemsize <= 4 and entry.length.itemsize <= 2 and entry.shard.itemsize == 1
+    assert np.shares_memory(it.docs.start, entry.start) and it.plan.pools == []
+    it.next_host_batch()
+    _, packer, visit = it._epoch_cache
+    assert packer.order.dtype == np.int32 and visit.dtype == np.int32
