@@ -205,6 +205,8 @@ class MetricsLogger:
 
         purge = None if resume_step is None else resume_step + 1
         self._tb = SummaryWriter(str(Path(workdir) / TB_DIR), purge_step=purge, flush_secs=30)
+        self._tb_errors: list[OSError] = []
+        _guard_tb(self._tb, self._tb_errors)
 
     def _trim(self, resume_step: int | None) -> None:
         """Drop the rows after `resume_step` and a torn last row; keep every other line.
@@ -266,7 +268,14 @@ class MetricsLogger:
         for key, value in row.items():
             if key != "step" and isinstance(value, int | float):
                 self._tb.add_scalar(key, value, int(step))
+        self._raise_tb_error()
         return row
+
+    def _raise_tb_error(self) -> None:
+        if self._tb_errors:
+            e = self._tb_errors[0]
+            raise UserError(f"cannot write TensorBoard events in {self.path.parent / TB_DIR}:"
+                            f" {e.strerror or e}", "check free disk space and permissions") from e
 
     def flush(self) -> None:
         if self._file is not None:
@@ -284,6 +293,7 @@ class MetricsLogger:
             _abandon_tb(tb)
             raise UserError(f"cannot write the metrics of {self.path.parent}: {e.strerror}",
                             "check free disk space and permissions") from e
+        self._raise_tb_error()
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -291,6 +301,33 @@ class MetricsLogger:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _guard_tb(tb, errors: list) -> None:
+    """Make the TensorBoard writer record its write errors in `errors` instead of dying.
+
+    tensorboardX writes from a worker thread; a failed flush (a full disk) killed that
+    thread with a traceback, its bounded queue then filled, and the next `add_scalar`
+    blocked forever: the trainer hung, deaf to SIGTERM. Guarded, the worker keeps draining
+    and `MetricsLogger` reports the first error as one line. Uses tensorboardX internals;
+    if they change, the writer is left as it was.
+    """
+    try:
+        events = tb._get_file_writer().event_writer._ev_writer
+        for name in ("write_event", "flush"):
+            setattr(events, name, _recording(getattr(events, name), errors))
+    except Exception:
+        log.debug("could not guard the TensorBoard writer", exc_info=True)
+
+
+def _recording(method, errors: list):
+    def guarded(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except OSError as e:
+            errors.append(e)
+            return None
+    return guarded
 
 
 def _abandon_tb(tb) -> None:

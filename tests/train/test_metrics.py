@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import struct
+import time
 
 import pytest
 from tensorboardX.proto import event_pb2
@@ -188,3 +189,38 @@ def test_the_configured_peak_wins_and_unknown_kinds_are_measured(monkeypatch):
     monkeypatch.setattr(metrics, "measure_peak_flops", lambda devices=None: 7.0)
     peak = metrics.peak_flops(0.0, "float32", devices=[_FakeDevice("cpu")])
     assert peak.flops == 7.0 and peak.source.startswith("measured:")
+
+
+def test_a_full_disk_under_tensorboard_is_one_error_not_a_hang(tmp_path, monkeypatch):
+    """A failed TensorBoard flush killed tensorboardX's writer thread (a traceback on stderr);
+    its queue then filled and `add_scalar` blocked forever: the trainer hung on a full disk."""
+    import errno
+    import threading
+
+    from tensorboardX import record_writer
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    logger = MetricsLogger(tmp_path, enabled=True)
+    # The worker flushes every flush_secs (30 s): at once here, so the test takes seconds.
+    logger._tb._get_file_writer().event_writer._worker._flush_secs = 0
+    monkeypatch.setattr(record_writer.RecordWriter, "flush", full)
+    raised = []
+
+    def log_many():
+        try:
+            for step in range(1, 200):
+                logger.log(step, {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0})
+                time.sleep(0.01)
+        except UserError as e:
+            raised.append(e)
+
+    t = threading.Thread(target=log_many, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "logging blocked on the dead TensorBoard writer"
+    assert raised and f"cannot write TensorBoard events in {tmp_path / 'tb'}: No space left" \
+        in str(raised[0])
+    with pytest.raises(UserError, match="No space left on device"):
+        logger.close()
