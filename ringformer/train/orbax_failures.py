@@ -107,27 +107,29 @@ def quiet_echoes_of_failed_saves() -> None:
     Orbax runs each save's coroutine on an event loop of its own and closes the loop when
     the coroutine ends. When one write fails (a full disk) the coroutine ends at once, and
     - each of its other writes, finishing later, tries to wake the closed loop: tensorstore
-      prints that RuntimeError with its traceback (PyErr_Print, so through sys.excepthook),
-      dozens of them, before and after our one error line;
+      reports that RuntimeError as unraisable (PyErr_WriteUnraisable, so through
+      sys.unraisablehook, whose default prints its traceback), dozens of them, before and
+      after our one error line;
     - the writes that failed too are tasks nobody awaits: asyncio logs "Task exception was
       never retrieved" with a traceback when they are garbage collected, even at exit.
     Nothing waits on that loop or those tasks any more, so both go to DEBUG; any other
     exception or asyncio record passes as before. Installed once per process, at the first
     save, since the echoes outlive the save that caused them.
     """
-    if getattr(sys.excepthook, "_ringformer_quiet", False):
+    if getattr(sys.unraisablehook, "_ringformer_quiet", False):
         return
-    previous = sys.excepthook
+    previous = sys.unraisablehook
 
-    def hook(exc_type, exc, tb):
-        if _is_callback_to_closed_loop(exc, tb):
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if _is_callback_to_closed_loop(exc, unraisable.exc_traceback):
             log.debug("a callback to a closed event loop (a failed orbax save)",
-                      exc_info=(exc_type, exc, tb))
+                      exc_info=(type(exc), exc, unraisable.exc_traceback))
             return
-        previous(exc_type, exc, tb)
+        previous(unraisable)
 
     hook._ringformer_quiet = True
-    sys.excepthook = hook
+    sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(_unretrieved_orbax_failure)
 
 
