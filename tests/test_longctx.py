@@ -64,7 +64,7 @@ def test_retrieval_data_is_seeded_supervised_and_held_out(data, tmp_path):
         assert (again / f"{name}.jsonl").read_bytes() == \
             (data / "longctx" / f"{name}.jsonl").read_bytes()
     train = [json.loads(x) for x in (again / "train_short.jsonl").read_text().splitlines()]
-    assert {r["task"] for r in train} == {"passkey", "kv"}
+    assert {r["task"] for r in train} == {"passkey", "kv", "copy"}
     assert all(256 * 0.8 <= r["length"] <= 300 for r in train)
     trained_keys = {r["key"] for r in train if r["task"] == "passkey"}
     held = [json.loads(x) for x in (again / "heldout_passkey.jsonl").read_text().splitlines()]

@@ -1,6 +1,6 @@
 """Synthetic retrieval examples for the long-context recipe (configs/longctx_*.py).
 
-Two tasks, written as supervised examples (`prompt`, `response`): the loss is on the response
+Three tasks, written as supervised examples (`prompt`, `response`): the loss is on the response
 only, so a handful of answer tokens is not drowned by thousands of predictable filler tokens
 (trained on whole documents, small models answer the same key for every prompt):
 
@@ -8,7 +8,9 @@ only, so a handful of answer tokens is not drowned by thousands of predictable f
   haystack is made of `sentences` (never `passkey.FILLER`) and the key is a training key;
 - key-value lookup: many "The code of NAME is VALUE." records scattered through filler, then
   the names to look up; the response states every asked code, so one example carries dozens
-  of retrieval targets instead of one.
+  of retrieval targets instead of one;
+- copy: random words and numbers, then the same text again: every response token is a
+  retrieval target, which is what makes the copying circuits form within minutes.
 
 Held-out prompts (`heldout_passkey`) are the evaluation's: `passkey.FILLER` and keys of the
 held-out share of the key space (`is_heldout_key`), so neither filler nor key was trained on.
@@ -42,6 +44,8 @@ KV_INTRO = "Below are secret codes hidden in a long text. Find them; you will be
 KV_RECORD = "The code of {name} is {value}. "
 KV_QUESTION = "\nWhat are the codes of {names}?\n"
 KV_ANSWER = "The code of {name} is {value}.\n"
+COPY_INTRO = "Read this text carefully, then write it again exactly.\n"
+COPY_QUESTION = "\nThe same text again:"
 HELDOUT_SHARE = 10  # one key in this many is held out of training
 
 
@@ -132,16 +136,45 @@ def kv_example(rng: np.random.Generator, length: int, *, density: int = 96,
             "length": len(prompt) + len(response) + 1}
 
 
+def copy_example(rng: np.random.Generator, length: int) -> dict:
+    """A supervised copy example of at most `length` tokens: random words and numbers, then
+    the same text again as the response. Every response token after the first is "what came
+    after X" one position back: the densest signal for the induction (copying) heads that
+    retrieval needs, which small models do not form from a few answers per thousand tokens."""
+    words, total = [], 0
+    budget = max(8, (length - len(COPY_INTRO) - len(COPY_QUESTION) - 3) // 2)
+    while True:
+        w = (draw_key(rng) if rng.uniform() < 0.3 else
+             "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), int(rng.integers(2, 8)))))
+        if total + len(w) + 1 > budget:
+            break
+        words.append(w)
+        total += len(w) + 1
+    text = " ".join(words) or "a"
+    prompt = COPY_INTRO + text + COPY_QUESTION
+    return {"prompt": prompt, "response": f" {text}.", "task": "copy",
+            "length": len(prompt) + len(text) + 3}
+
+
+TASKS = {"passkey": passkey_example, "kv": kv_example, "copy": copy_example}
+# Shares of the examples: copying first forms the circuits; passkey is what is evaluated.
+DEFAULT_SHARES = {"passkey": 0.4, "kv": 0.2, "copy": 0.4}
+
+
 def training_examples(n: int, *, min_tokens: int, max_tokens: int, seed: int,
-                      kv_share: float = 0.5, desc: str = "retrieval examples") -> list[dict]:
-    """`n` examples, a `kv_share` of them key-value lookups, lengths log-uniform in
+                      shares: dict[str, float] | None = None,
+                      desc: str = "retrieval examples") -> list[dict]:
+    """`n` examples of the TASKS in proportion to `shares`, lengths log-uniform in
     [min_tokens, max_tokens]; the same seed gives the same examples."""
+    shares = shares or DEFAULT_SHARES
+    names = sorted(shares)
+    p = np.array([shares[k] for k in names], float)
     rng = np.random.default_rng(seed)
     out = []
     for _ in tqdm(range(n), desc=desc, unit="ex", leave=False):
         length = log_uniform(rng, min_tokens, max_tokens)
-        make = kv_example if rng.uniform() < kv_share else passkey_example
-        out.append(make(rng, length))
+        task = names[int(rng.choice(len(names), p=p / p.sum()))]
+        out.append(TASKS[task](rng, length))
     return out
 
 
@@ -171,7 +204,7 @@ def build_retrieval_files(out_dir: str | Path, *, examples: int, long_examples: 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    args = [1, examples, long_examples, min_tokens, max_tokens, long_max_tokens,
+    args = [2, examples, long_examples, min_tokens, max_tokens, long_max_tokens,
             list(heldout_lengths), list(heldout_depths), heldout_per_length, seed]
     paths = {k: out / f"{k}.jsonl" for k in ("train_short", "train_long", "heldout_passkey")}
     manifest = out / ".manifest.json"
