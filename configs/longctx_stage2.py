@@ -27,7 +27,8 @@ LONG = "data/longctx/train_long.jsonl"
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = longctx_stage1.get_config()
     c.train.init_from = "runs/longctx/stage1"
-    c.train.steps = 60
+    c.train.steps = 30
+    c.train.log_every = 5
     c.train.eval_every = 30
     c.train.save_every = 30
 
