@@ -7,7 +7,7 @@ embeddings, position limit) come from PATH's config.json; the weights are taken 
 
     python scripts/convert_hf.py import /path/to/SmolLM-135M --workdir runs/ft
     python scripts/train.py --config configs/finetune.py:runs/ft --workdir runs/ft \
-        --config.data.train_files=my.jsonl
+        --config.data.train_files=my.jsonl [--config.data.eval_files=held_out.jsonl]
 
 or straight from the HF directory (its tokenizer is used when it has one):
 
@@ -54,6 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data.seq_len = 2048
     c.data.global_batch_size = 8
+    # The default stdlib corpus is not the user's data: evaluate only on files they name.
+    c.data.eval_files = ""
 
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
