@@ -22,7 +22,7 @@ train: $(STAMP) data/stdlib/train.jsonl
 	$(PY) scripts/train.py --config configs/tiny.py --workdir runs/tiny
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	.venv/bin/ruff check .
