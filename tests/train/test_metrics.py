@@ -204,13 +204,22 @@ def test_a_full_disk_under_tensorboard_is_one_error_not_a_hang(tmp_path, monkeyp
 
     logger = MetricsLogger(tmp_path, enabled=True)
     # The worker flushes every flush_secs (30 s): at once here, so the test takes seconds.
-    logger._tb._get_file_writer().event_writer._worker._flush_secs = 0
+    worker = logger._tb._get_file_writer().event_writer._worker
+    worker._flush_secs = 0
+    # The worker may already have flushed the file's first event and scheduled its next
+    # flush 30 s ahead (a race with this thread): bring that flush forward too.
+    worker._next_flush_time = 0
     monkeypatch.setattr(record_writer.RecordWriter, "flush", full)
     raised = []
 
     def log_many():
+        # Log until the writer's failed flush surfaces (it runs on tensorboardX's own thread,
+        # so a fixed number of rows can all be written before it has failed once).
+        deadline = time.monotonic() + 20
         try:
-            for step in range(1, 200):
+            step = 0
+            while time.monotonic() < deadline:
+                step += 1
                 logger.log(step, {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0})
                 time.sleep(0.01)
         except UserError as e:
