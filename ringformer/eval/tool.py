@@ -111,7 +111,7 @@ def run(*, data: Sequence[str] | str, context: int, out: str, workdir: str | Non
         mesh_sizes=sizes, context=context, workdir=workdir, step=step, hf_dir=hf_dir,
         dtype=dtype, allow_longer_context=allow_longer_context)
     check_tp(cfg.n_kv_heads, sizes["tp"], n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim)
-    tok = _tokenizer(tokenizer or own_tok, cfg, hf_dir)
+    tok = model_tokenizer(tokenizer or own_tok, cfg, hf_dir)
     plan = _passkey_tasks(tok, context, pk) if pk else None
     docs = _read_documents(data, tok, text_field)
     out_path = _make_out_dir(out)
@@ -155,7 +155,8 @@ def _make_mesh(mesh_sizes: dict | None, context: int,
     return mesh, sizes
 
 
-def _tokenizer(spec: str | None, cfg: model.ModelConfig, hf_dir: str | None) -> Tokenizer:
+def model_tokenizer(spec: str | None, cfg: model.ModelConfig, hf_dir: str | None) -> Tokenizer:
+    """The tokenizer `spec` names, checked against the model's vocabulary."""
     if spec is None:
         raise ConfigError(f"{hf_dir} holds no tokenizer", "pass --tokenizer byte or a local path")
     tok = load_tokenizer(spec)

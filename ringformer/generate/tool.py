@@ -123,19 +123,11 @@ class _Watcher:
 
 def _load(*, sizes: dict, workdir, step, hf_dir, tokenizer, dtype):
     """(model config, params, tokenizer, description), loaded as the evaluation tool does."""
-    from ringformer.data.tokenizer import load_tokenizer
-    from ringformer.eval.tool import load_model
+    from ringformer.eval.tool import load_model, model_tokenizer
 
     cfg, params, own_tok, source = load_model(mesh_sizes=sizes, context=1, workdir=workdir,
                                               step=step, hf_dir=hf_dir, dtype=dtype)
-    spec = tokenizer or own_tok
-    if spec is None:
-        raise ConfigError(f"{hf_dir} holds no tokenizer", "pass --tokenizer byte or a local path")
-    tok = load_tokenizer(spec)
-    if tok.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"tokenizer {spec!r} has {tok.vocab_size} ids but the model only "
-                          f"{cfg.vocab_size}", "pass the tokenizer the model was trained with")
-    return cfg, params, tok, source
+    return cfg, params, model_tokenizer(tokenizer or own_tok, cfg, hf_dir), source
 
 
 def run(*, prompts: Sequence[str], max_new_tokens: int = 64, sampling: Sampling | None = None,
