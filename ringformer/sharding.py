@@ -37,8 +37,10 @@ ACTIVATION_RULES = {**PARAM_RULES, "embed": None}
 # Decoding (ringformer.generate): every sp device holds the same new token, so the dense
 # layers split their output features over sp as well as tp (tensor parallel), and only
 # attention runs per sequence shard of the KV cache. "embed" stays whole: one token's
-# activations are tiny, and gathering weights per step would cost more than it saves.
-DECODE_PARAM_RULES = {**ACTIVATION_RULES, "heads": ("tp", "sp"), "kv_heads": ("tp", "sp"),
+# activations are tiny, and gathering weights per step would cost more than it saves. The
+# attention projections split head_dim over sp (heads over tp): head_dim (64, 128) splits
+# over the usual sp sizes where head counts (12 heads, 4 kv heads on sp = 8) often do not.
+DECODE_PARAM_RULES = {**ACTIVATION_RULES, "heads": "tp", "kv_heads": "tp", "head_dim": "sp",
                       "mlp": ("tp", "sp"), "vocab": ("tp", "sp")}
 
 

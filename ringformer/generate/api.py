@@ -104,6 +104,9 @@ def decode_loop(cfg: model.ModelConfig, mesh: Mesh, max_new: int, sampling: Samp
     -1 after a row finished (EOS, or `on_tokens` said stop). One while_loop; stops early when
     every row has finished. `seed` is traced (no compile per seed); `sampling.seed` is unused."""
     key, state = _loop_state(sampling, eos_id, on_tokens, logits, max_new, seed)
+    # Per-layer weights and cache, once: no layer's slice is copied out per token.
+    params = decode.unstack_layers(params, jnp.dtype(cfg.dtype))
+    cache = decode.unstack_cache(cache)
 
     def cond(st):
         i, _, _, _, done = st

@@ -71,8 +71,9 @@ jax.tree_util.register_static(CacheSpec)
                    meta_fields=["spec"])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """k, v [layers, batch, slots, kv_heads, head_dim]; lengths [batch] int32 prompt lengths;
-    step: int32 scalar, decode tokens stored so far (the next one goes to decode slot `step`)."""
+    """k, v [layers, batch, slots, kv_heads, head_dim] (inside a decode loop: tuples of the
+    per-layer arrays, `decode.unstack_cache`); lengths [batch] int32 prompt lengths; step:
+    int32 scalar, decode tokens stored so far (the next one goes to decode slot `step`)."""
 
     k: jax.Array
     v: jax.Array

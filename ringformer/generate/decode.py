@@ -7,19 +7,25 @@ A decode step feeds one token per row. Its query meets every device's cache slic
 each sp device computes attention over its own slots, giving a partial output o_s, the
 running max m_s and the running sum l_s of its scores, and one log-sum-exp merge across sp
 makes the result exact:  M = max_s m_s,  o = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s
-(a pmax and a psum inside shard_map). Nothing of the cache moves; only [batch, heads,
-head_dim] statistics cross devices. The new token's key and value are written only by the
-device that owns its decode slot.
+(one all-gather of (o_s, m_s, l_s) inside shard_map, then every device merges). Nothing of
+the cache moves; only [batch, heads, head_dim + 2] statistics cross devices. The new token's
+key and value are written only by the device that owns its decode slot.
 
 Every sp device holds the same new token, so the dense layers would do the same work on
-each. Decoding places the weights by `sharding.DECODE_PARAM_RULES` instead: attention
-heads, MLP features and the vocabulary split over tp x sp (tensor parallel; one all-reduce
-per projection that contracts them), falling back to tp alone for a dimension that tp x sp
-does not divide. Only attention is per cache shard.
+each. Decoding places the weights by `sharding.DECODE_PARAM_RULES` instead: the attention
+projections' head_dim, the MLP features and the vocabulary split over sp (heads, MLP and
+vocabulary over tp too; tensor parallel): per layer one all-gather of q|k|v, one of the
+attention statistics and one all-reduce after each of wo and w_down. A dimension that the
+axes do not divide stays whole. Only attention is per cache shard.
+
+Per token nothing is copied: a decode loop takes the weights and the cache as per-layer
+arrays (`unstack_layers`, `unstack_cache`, once before the loop), the layers are unrolled,
+and attention reads the cache in its stored layout (`partial_attention`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -70,8 +76,8 @@ def place_params(cfg: model.ModelConfig, params: dict, mesh: Mesh) -> dict:
 
 
 def _qkv(cfg: model.ModelConfig, h, lp, cos, sin, use):
-    """q [b, s, heads, hd], k, v [b, s, kv_heads, hd] with RoPE; `use` turns a weight into an
-    operand (gathered for prefill, left in its decode sharding for decoding)."""
+    """Prefill's q [b, s, heads, hd], k, v [b, s, kv_heads, hd] with RoPE; `use` turns a
+    weight into an operand (gathered as training does)."""
     q = jnp.einsum("bsd,dhk->bshk", h, use(lp["wq"], ("embed", "heads", "head_dim")))
     k = jnp.einsum("bsd,dhk->bshk", h, use(lp["wk"], ("embed", "kv_heads", "head_dim")))
     v = jnp.einsum("bsd,dhk->bshk", h, use(lp["wv"], ("embed", "kv_heads", "head_dim")))
@@ -140,90 +146,153 @@ def prefill(cfg: model.ModelConfig, params: dict, tokens, lengths, *, mesh: Mesh
 
 def _lm_head(cfg: model.ModelConfig, params: dict, h, mesh: Mesh):
     """fp32 logits [b, vocab] of final hidden states [b, d], whole on every device."""
-    head = model.lm_head(cfg, params).astype(h.dtype)
-    logits = _pin(jnp.einsum("bd,dv->bv", h, head, preferred_element_type=F32),
-                  ("batch", "vocab"), mesh)
+    if cfg.tie_embeddings:  # contract with embed [vocab, d] as it lies: no transposed copy
+        logits = jnp.einsum("bd,vd->bv", h, params["embed"].astype(h.dtype),
+                            preferred_element_type=F32)
+    else:
+        logits = jnp.einsum("bd,dv->bv", h, params["lm_head"].astype(h.dtype),
+                            preferred_element_type=F32)
+    logits = _pin(logits, ("batch", "vocab"), mesh)
     return lax.with_sharding_constraint(logits, NamedSharding(mesh, P(BATCH)))
 
 
 # ----------------------------------------------------------------------------- decode step
 
 
-def _write(c, new, layer, slot, mine):
-    """c [L, b, slots, g, hd] with `new` [b, g, hd] at (layer, slot) where `mine`; touching
-    one slot (read, select, write back) keeps the update in place."""
-    start = (layer, 0, slot, 0, 0)
-    cur = lax.dynamic_slice(c, start, (1, c.shape[1], 1, *c.shape[3:]))
-    return lax.dynamic_update_slice(c, jnp.where(mine, new[None, :, None].astype(c.dtype), cur),
-                                    start)
+def _write(c, new, slot, mine):
+    """c [b, slots, g, hd] with `new` [b, g, hd] at `slot` where `mine`; touching one slot
+    (read, select, write back) keeps the update in place."""
+    start = (0, slot, 0, 0)
+    cur = lax.dynamic_slice(c, start, (c.shape[0], 1, *c.shape[2:]))
+    return lax.dynamic_update_slice(c, jnp.where(mine, new[:, None].astype(c.dtype), cur), start)
 
 
 def partial_attention(q, k, v, valid):
     """One shard's share: q [b, h, d] (pre-scaled) against k, v [b, n, g, d] where valid
-    [b, n]: (o [b, g, h/g, d] unnormalised, m [b, g, h/g] max, l [b, g, h/g] sum), fp32."""
+    [b, n]: (o [b, g, h/g, d] unnormalised, m [b, g, h/g] max, l [b, g, h/g] sum), fp32.
+
+    Written as multiply-and-reduce over the cache as it lies ([b, n, g, d]): the einsums of
+    a matmul formulation made XLA copy every layer's cache slice into [g, d, n] and
+    [g, n, d] on every token; these read it once, in place.
+    """
     b, h, d = q.shape
     g = k.shape[2]
-    s = jnp.einsum("bgrd,bngd->bgrn", q.reshape(b, g, h // g, d), k, preferred_element_type=F32)
-    mask = valid[:, None, None, :]
+    qg = q.reshape(b, 1, g, h // g, d).astype(F32)
+    s = jnp.sum(qg * k[:, :, :, None].astype(F32), axis=-1)  # [b, n, g, r]
+    mask = valid[:, :, None, None]
     s = jnp.where(mask, s, MASK)
-    m = jnp.max(s, axis=-1)
-    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)  # a shard with nothing valid adds 0
-    o = jnp.einsum("bgrn,bngd->bgrd", p.astype(v.dtype), v, preferred_element_type=F32)
-    return o, m, jnp.sum(p, axis=-1)
+    m = jnp.max(s, axis=1)  # [b, g, r]
+    p = jnp.where(mask, jnp.exp(s - m[:, None]), 0.0)  # a shard with nothing valid adds 0
+    o = jnp.sum(p[..., None] * v[:, :, :, None].astype(F32), axis=1)  # [b, g, r, d]
+    return o, m, jnp.sum(p, axis=1)
 
 
 def merge_partials(o, m, l, axis_name: str):
-    """The exact softmax output [b, g, r, d] from every shard's (o, m, l) over `axis_name`."""
-    big = lax.pmax(m, axis_name)
-    a = jnp.exp(m - big)
-    total, out = lax.psum((l * a, o * a[..., None]), axis_name)
-    return out / total[..., None]
+    """The exact softmax output [b, g, r, d] from every shard's (o, m, l) over `axis_name`:
+    one all-gather of the statistics, then each device merges them (one collective, where a
+    pmax and then a psum are two)."""
+    d = o.shape[-1]
+    packed = jnp.concatenate([o, m[..., None], l[..., None]], axis=-1)
+    every = lax.all_gather(packed, axis_name, to="invarying")  # [shards, ..., d + 2]
+    o, m, l = every[..., :d], every[..., d], every[..., d + 1]
+    a = jnp.exp(m - jnp.max(m, axis=0))
+    return jnp.sum(o * a[..., None], axis=0) / jnp.sum(l * a, axis=0)[..., None]
 
 
-def merged_attention(q, k_new, v_new, ck, cv, layer, step, lengths, *, spec: CacheSpec,
-                     mesh: Mesh):
-    """Store decode token `step`'s k/v and attend the cache: (o [b, h, hd], ck, cv).
+def merged_attention(q, k_new, v_new, ck, cv, step, lengths, *, spec: CacheSpec, mesh: Mesh):
+    """Attend one layer's cache and decode token `step`, and store its k/v: (o [b, h, hd],
+    ck, cv).
 
-    q [b, h, hd]; k_new, v_new [b, kv_heads, hd]; ck, cv [L, b, slots, kv_heads, hd] sharded
-    as `cache.cache_sharding`; layer, step: int32 scalars; lengths [b] prompt lengths.
+    q [b, h, hd]; k_new, v_new [b, kv_heads, hd]; ck, cv: the layer's [b, slots, kv_heads,
+    hd] sharded as `cache.cache_sharding`; step: int32 scalar; lengths [b] prompt lengths.
     """
     index, is_decode = (jnp.asarray(t) for t in kv_cache.slot_tables(spec))
     scale = 1.0 / np.sqrt(q.shape[-1])
 
-    def local(q, kn, vn, ck, cv, layer, step, lengths, index, is_decode):
+    def local(q, kn, vn, ck, cv, step, lengths, index, is_decode):
         owner, slot = spec.decode_slot(step)
         mine = owner == lax.axis_index("sp")
-        ck, cv = _write(ck, kn, layer, slot, mine), _write(cv, vn, layer, slot, mine)
-        k = lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
-        v = lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+        # Write first, then attend what was written: reading the cache before writing it
+        # would make XLA copy the cache to keep the write in place.
+        ck, cv = _write(ck, kn, slot, mine), _write(cv, vn, slot, mine)
         valid = kv_cache.valid_slots(index, is_decode, lengths, step)
-        o = merge_partials(*partial_attention(q * scale, k, v, valid), "sp")
+        o = merge_partials(*partial_attention(q * scale, ck, cv, valid), "sp")
         return o.reshape(q.shape).astype(q.dtype), ck, cv
 
     heads = P(BATCH, "tp", None)
-    cspec = kv_cache.cache_spec_axes(mesh, ck.shape)
+    cspec = P(*kv_cache.cache_spec_axes(mesh, (1, *ck.shape))[1:])  # one layer
     fn = jax.shard_map(local, mesh=mesh, out_specs=(heads, cspec, cspec),
-                       in_specs=(heads, heads, heads, cspec, cspec, P(), P(), P(BATCH),
+                       in_specs=(heads, heads, heads, cspec, cspec, P(), P(BATCH),
                                  P("sp"), P("sp")))
-    return fn(q, k_new, v_new, ck, cv, layer, step, lengths, index, is_decode)
+    return fn(q, k_new, v_new, ck, cv, step, lengths, index, is_decode)
 
 
-def _decode_layer(cfg: model.ModelConfig, mesh: Mesh, cache: KVCache, cos, sin, carry, xs):
-    x, ck, cv = carry
-    lp, layer = xs
+def _decode_qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin):
+    """q [b, heads, hd], k, v [b, kv_heads, hd], whole over sp, with RoPE. The projections
+    use the weights as placed (head_dim over sp): each device computes its slice of every
+    head, then one all-gather over sp (per tensor when tp > 1) makes them whole."""
     dt = jnp.dtype(cfg.dtype)
-    use = lambda w, names: w.astype(dt)  # stays split over tp x sp: no gathering per token
-    q, k, v = _qkv(cfg, model.rms_norm(x, lp["attn_norm"], cfg.norm_eps), lp, cos, sin, use)
-    o, ck, cv = merged_attention(q[:, 0], k[:, 0], v[:, 0], ck, cv, layer, cache.step,
-                                 cache.lengths, spec=cache.spec, mesh=mesh)
-    o = _pin(o[:, None], ("batch", None, "heads", "head_dim"), mesh)
-    x = _pin(x + jnp.einsum("bshk,hkd->bsd", o, use(lp["wo"], ())), ("batch", None, "embed"), mesh)
+    q, k, v = (jnp.einsum("bd,dhk->bhk", h, lp[w].astype(dt)) for w in ("wq", "wk", "wv"))
+    whole = lambda x: sharding.constrain(x, ("batch", "heads", None), mesh)  # tp stays
+    if mesh.shape["tp"] == 1:
+        qkv = whole(jnp.concatenate([q, k, v], axis=1))
+        q, k, v = jnp.split(qkv, [q.shape[1], q.shape[1] + k.shape[1]], axis=1)
+    else:
+        q, k, v = whole(q), whole(k), whole(v)
+    rope = lambda x: model.apply_rope(x[:, None], cos, sin)[:, 0]
+    return rope(q), rope(k), v
+
+
+def _decode_layer(cfg: model.ModelConfig, mesh: Mesh, cache: KVCache, cos, sin, x, lp, ck, cv):
+    """One layer for one token per row: x [b, d] (whole on every device) and the layer's
+    cache -> (x, ck, cv). Weights stay split over tp x sp: no gathering per token."""
+    dt = jnp.dtype(cfg.dtype)
+    q, k, v = _decode_qkv(cfg, mesh, model.rms_norm(x, lp["attn_norm"], cfg.norm_eps), lp, cos,
+                          sin)
+    o, ck, cv = merged_attention(q, k, v, ck, cv, cache.step, cache.lengths, spec=cache.spec,
+                                 mesh=mesh)
+    o = _pin(o, ("batch", "heads", "head_dim"), mesh)  # each device's slice: no data moves
+    x = _pin(x + jnp.einsum("bhk,hkd->bd", o, lp["wo"].astype(dt)), ("batch", "embed"), mesh)
     h = model.rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-    a = jax.nn.silu(jnp.einsum("bsd,df->bsf", h, use(lp["w_gate"], ()))) * \
-        jnp.einsum("bsd,df->bsf", h, use(lp["w_up"], ()))
-    a = _pin(a, ("batch", None, "mlp"), mesh)
-    x = x + jnp.einsum("bsf,fd->bsd", a, use(lp["w_down"], ()))
-    return (_pin(x, ("batch", None, "embed"), mesh), ck, cv), None
+    a = jax.nn.silu(jnp.einsum("bd,df->bf", h, lp["w_gate"].astype(dt))) * \
+        jnp.einsum("bd,df->bf", h, lp["w_up"].astype(dt))
+    a = _pin(a, ("batch", "mlp"), mesh)
+    x = x + jnp.einsum("bf,fd->bd", a, lp["w_down"].astype(dt))
+    return _pin(x, ("batch", "embed"), mesh), ck, cv
+
+
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def unstack_layers(params: dict, dtype=None) -> dict:
+    """params with "layers" as a tuple of per-layer dicts (already one: returned as is), the
+    matrices (and embed / lm_head) cast to the compute `dtype` if given.
+
+    A decode loop should call this once, outside its loop: a layer loop over the stacked
+    weights slices (copies) every layer's weights out of the stack on every token, i.e. reads
+    and writes all the weights once more per token than the matmuls need; a cast inside the
+    loop would convert (copy) them on every token too. The step casts to the same dtype, so
+    casting here changes nothing in the result.
+    """
+    layers = params["layers"]
+    if isinstance(layers, tuple):
+        return params
+    cast = (lambda w: w) if dtype is None else (lambda w: w.astype(dtype))
+    n = jax.tree.leaves(layers)[0].shape[0]
+    per = tuple({k: cast(w[i]) if k in MATRICES else w[i] for k, w in layers.items()}
+                for i in range(n))
+    heads = {k: cast(params[k]) for k in ("embed", "lm_head") if k in params}
+    return {**params, **heads, "layers": per}
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """The cache with k and v as tuples of per-layer arrays [b, slots, kv_heads, hd]: a loop
+    of steps carries it so (`decode_loop`), since a layer's slice of a stacked cache, read
+    after the earlier layers wrote theirs, is copied."""
+    if isinstance(cache.k, tuple):
+        return cache
+    split = lambda x: tuple(x[i] for i in range(x.shape[0]))
+    return dataclasses.replace(cache, k=split(cache.k), v=split(cache.v))
 
 
 def decode_step(cfg: model.ModelConfig, params: dict, cache: KVCache, tokens, *,
@@ -231,16 +300,22 @@ def decode_step(cfg: model.ModelConfig, params: dict, cache: KVCache, tokens, *,
     """Feed tokens [b] (one per row, at positions `cache.positions`): (cache, logits [b, vocab]).
 
     Pure and jittable; params placed by `place_params`, cache from `prefill` or an earlier
-    step (it must have a free decode slot: `cache.step < spec.decode_len`).
+    step (it must have a free decode slot: `cache.step < spec.decode_len`). Inside a loop of
+    steps, pass both through `unstack_layers` / `unstack_cache` once before it (the step
+    keeps a per-layer cache per-layer): each layer then reads its weights and its cache where
+    they lie instead of copying them out of the stacked arrays on every token.
     """
     dt = jnp.dtype(cfg.dtype)
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dt)[:, None]  # [b, 1, d]
-    x = _pin(x, ("batch", None, "embed"), mesh)
-    cos, sin = model.rope_tables(cfg, cache.positions[:, None])
-    layer = functools.partial(_decode_layer, cfg, mesh, cache, cos, sin)
-    n_layers = cache.k.shape[0]
-    (x, ck, cv), _ = lax.scan(layer, (x, cache.k, cache.v),
-                              (params["layers"], jnp.arange(n_layers, dtype=jnp.int32)))
-    h = model.rms_norm(x, params["final_norm"], cfg.norm_eps)[:, 0]
-    new = KVCache(ck, cv, cache.lengths, cache.step + 1, cache.spec)
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dt)  # [b, d]
+    x = _pin(x, ("batch", "embed"), mesh)
+    cos, sin = model.rope_tables(cfg, cache.positions[:, None])  # [b, 1, hd]
+    per_layer = unstack_cache(cache)
+    ks, vs = list(per_layer.k), list(per_layer.v)
+    for i, lp in enumerate(unstack_layers(params)["layers"]):  # unrolled
+        x, ks[i], vs[i] = _decode_layer(cfg, mesh, cache, cos, sin, x, lp, ks[i], vs[i])
+    h = model.rms_norm(x, params["final_norm"], cfg.norm_eps)
+    ks, vs = tuple(ks), tuple(vs)
+    if not isinstance(cache.k, tuple):
+        ks, vs = jnp.stack(ks), jnp.stack(vs)
+    new = KVCache(ks, vs, cache.lengths, cache.step + 1, cache.spec)
     return new, _lm_head(cfg, params, h, mesh)

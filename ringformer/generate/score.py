@@ -31,6 +31,9 @@ def teacher_forced(cfg, mesh, params, cache: KVCache, logits, answers):
     cache = KVCache(grow(cache.k), grow(cache.v), jnp.repeat(cache.lengths, rep), cache.step,
                     cache.spec)
     logits = jnp.repeat(logits, rep, axis=0)
+    # Per-layer weights and cache, once: no layer's slice is copied out per token.
+    params = decode.unstack_layers(params, jnp.dtype(cfg.dtype))
+    cache = decode.unstack_cache(cache)
 
     def body(i, st):
         cache, logits, logp, best = st

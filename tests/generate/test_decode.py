@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _llama_oracle import VOCAB, build
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ringformer.generate import Generator, Sampling
 from ringformer.generate import cache as kv_cache
@@ -83,13 +85,13 @@ def test_merged_step_equals_dense_attention(layout):
     lengths, step, layer = np.array([5, 16], np.int32), 5, 1
     shard = kv_cache.cache_sharding(mesh, ck.shape)
     fn = jax.jit(lambda *a: merged_attention(*a, spec=spec, mesh=mesh))
-    o, ck2, _ = fn(q, kn, vn, jax.device_put(ck, shard), jax.device_put(cv, shard),
-                   jnp.int32(layer), jnp.int32(step), lengths)
+    put = lambda c: jax.device_put(c[layer], NamedSharding(mesh, P(*shard.spec[1:])))
+    o, ck2, _ = fn(q, kn, vn, put(ck), put(cv), jnp.int32(step), lengths)  # one layer's cache
 
     index, is_decode = kv_cache.slot_tables(spec)
     slot = int(np.flatnonzero(is_decode & (index == step))[0])
     ck[layer, :, slot], cv[layer, :, slot] = kn, vn
-    np.testing.assert_array_equal(np.asarray(ck2), ck)
+    np.testing.assert_array_equal(np.asarray(ck2), ck[layer])
     valid = np.where(is_decode[None], index[None] <= step, index[None] < lengths[:, None])
     k64, v64 = ck[layer].astype(np.float64), cv[layer].astype(np.float64)
     qg = q.reshape(b, g, r, d).astype(np.float64) / np.sqrt(d)
