@@ -7,6 +7,7 @@
     python scripts/bench.py layout [--seq 8192] [--sp <cores>] --json   # one device per core
     python scripts/bench.py step [--shape tiny] [--seq 8192] [--sp 8] --json
     python scripts/bench.py generate [--lengths 1024,4096,16384 --batches 1,8] --json
+    python scripts/bench.py generate --devices $(nproc) --no_memory --json   # one device per core
     python scripts/bench.py hlo --json            # are the ring's permutes asynchronous?
     python scripts/bench.py hlo --target h100 --json   # ... on 8 H100s, compiled without them
     python scripts/bench.py gpu [--seq 32768] --json   # on a machine with an NVIDIA GPU
@@ -17,6 +18,7 @@
 import json
 import math
 import os
+import re
 import sys
 from argparse import ArgumentTypeError, RawTextHelpFormatter
 
@@ -64,6 +66,10 @@ def parse_args(argv: list[str] | None = None):
                    help="generate: prompt lengths, comma-separated (default 1024,4096,16384)")
     p.add_argument("--batches", default="1,8", help="generate: batch sizes (default 1,8)")
     p.add_argument("--no_memory", action="store_true", help="generate: skip the longest prompt")
+    p.add_argument("--devices", type=positive(int), default=None,
+                   help="generate: make exactly this many virtual CPU devices and run ringformer"
+                        " on sp = all of them\n(default: 8 devices, sp 8; --devices $(nproc): one"
+                        " per core, no devices sharing a core)")
     a = p.parse_args(argv)
     if a.bench == "data":
         try:
@@ -72,7 +78,20 @@ def parse_args(argv: list[str] | None = None):
             p.error(f"--sizes: {e}")
     if a.target and a.bench not in ("memory", "hlo", "gpu"):
         p.error(f"--target applies to memory, hlo and gpu, not {a.bench}")
+    if a.devices and a.bench != "generate":
+        p.error(f"--devices applies to generate, not {a.bench}")
+    if a.devices and a.sp and a.sp > a.devices:
+        p.error(f"--sp {a.sp} needs at least {a.sp} devices, not --devices {a.devices}")
     return a
+
+
+def set_cpu_devices(n: int) -> None:
+    """Exactly n virtual CPU devices, replacing a count already in XLA_FLAGS (the test suite
+    sets 8); must run before jax is imported."""
+    if "jax" in sys.modules:
+        raise RuntimeError("set_cpu_devices must run before jax is imported")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags.strip()} --xla_force_host_platform_device_count={n}".strip()
 
 
 def parse_sizes(text: str) -> tuple[float, ...]:
@@ -109,7 +128,12 @@ def measure(a, sp_given: int | None) -> dict:
         return b.attention_speed(sp=a.sp, chunk=a.chunk, repeats=a.repeats, **kw)
     if a.bench == "balance":
         return b.balance(sp=a.sp, chunk=a.chunk or 512, **({"seq_len": a.seq} if a.seq else {}))
-    if a.bench == "layout":
+    if a.devices:
+        # generate on a mesh of exactly these devices (e.g. one per core: a CPU host's virtual
+        # devices share its cores, so 8 on 2 cores pay per-device dispatch and collectives).
+        set_cpu_devices(a.devices)
+        a.sp = a.sp or a.devices
+    elif a.bench == "layout":
         return b.layout_speed(sp=a.sp, chunk=a.chunk or 512, repeats=a.repeats, **kw)
     if a.bench == "step":
         return bench_step.step_speed(shape=a.shape or "tiny", sp=a.sp, repeats=a.repeats, **kw)
@@ -127,7 +151,12 @@ def main() -> None:
         # The CUDA plugin only describes the target; this host compiles on its CPU.
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-    if a.bench == "layout":
+    if a.devices:
+        # generate on a mesh of exactly these devices (e.g. one per core: a CPU host's virtual
+        # devices share its cores, so 8 on 2 cores pay per-device dispatch and collectives).
+        set_cpu_devices(a.devices)
+        a.sp = a.sp or a.devices
+    elif a.bench == "layout":
         # One virtual device per core, so the ring's devices compute in parallel for real.
         a.sp = a.sp or max(2, os.cpu_count() or 1)
         ensure_cpu_devices(a.sp)

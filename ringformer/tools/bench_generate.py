@@ -6,7 +6,8 @@ Python API (`Generator`, all devices on sp, compile excluded); transformers runs
 `LlamaForCausalLM.generate` (torch CPU, greedy, all threads). Prefill speed is prompt tokens
 per second of the first forward; decode speed is generated tokens per second after it
 (transformers': the time of N new tokens less that of one, over N - 1). torch is imported
-only here, only for the comparison.
+only here, only for the comparison. The JSON records ringformer's mesh and how many
+(virtual) devices the process had (`bench.py generate --devices N` makes exactly N).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 
 from ringformer import model
+from ringformer.errors import ConfigError
 from ringformer.generate import api, decode
 from ringformer.generate import cache as kv_cache
 from ringformer.mesh import make_mesh
@@ -116,6 +118,9 @@ def generate_bench(*, lengths: Sequence[int] = (1024, 4096, 16384), batches: Seq
                    memory: bool = True, compare: bool = True) -> dict:
     """The table of docs/BENCHMARKS.md (generate): speeds per (length, batch), then memory."""
     benchmark.check_positive(sp=sp, new_tokens=new_tokens, budget_gib=budget_gib)
+    if sp > jax.device_count():
+        raise ConfigError(f"sp {sp} needs {sp} devices; this process has {jax.device_count()}",
+                          f"pass --devices {sp}, or a smaller --sp")
     cfg = bench_config()
     check_fits(cfg, max(lengths), max(batches), new_tokens)
     params = model.init_params(cfg, jax.random.key(0))
@@ -131,9 +136,11 @@ def generate_bench(*, lengths: Sequence[int] = (1024, 4096, 16384), batches: Seq
                 row["transformers"] = transformers_speed(cfg, prompts, new_tokens)
             rows.append(row)
     out = {"bench": "generate", "params": n_params(cfg), "shape": SHAPE, "sp": sp,
+           "mesh": dict(gen.mesh.shape), "devices": jax.device_count(),
            "new_tokens": new_tokens, "rows": rows}
     if memory:
         budget = int(budget_gib * 2 ** 30)
-        out["longest_prompt"] = {f"sp={n}": longest_prompt(cfg, n, budget) for n in (1, 8)}
+        rings = (1, min(8, jax.device_count()))  # sp = 8 where this process has 8 devices
+        out["longest_prompt"] = {f"sp={n}": longest_prompt(cfg, n, budget) for n in sorted(set(rings))}
         out["budget_gib"] = budget_gib
     return out

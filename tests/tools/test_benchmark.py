@@ -1,6 +1,7 @@
 """The benchmark suite's JSON schema, on sizes small enough for a test (no timing asserted)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +105,9 @@ def test_bad_arguments_give_one_error_line():
      "error: argument --chunk: must be positive, not 0"),
     (["attention", "--seq", "64", "--sp", "2", "--chunk", "-8"], "error: argument --chunk: must be positive"),
     (["balance", "--sp", "-2"], "error: argument --sp: must be positive, not -2"),
+    (["layout", "--devices", "2"], "error: --devices applies to generate, not layout"),
+    (["generate", "--devices", "2", "--sp", "4"],
+     "error: --sp 4 needs at least 4 devices, not --devices 2"),
     (["attention", "--seq", "64", "--sp", "2", "--repeats", "0", "--json"],
      "error: argument --repeats: must be positive, not 0"),
     (["attention", "--seq", "0"], "error: argument --seq: must be positive, not 0"),
@@ -120,6 +124,19 @@ def test_bad_targets_and_sizes_give_one_error_line(args, message):
     assert proc.returncode == 2
     assert proc.stderr.startswith(message)
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_generate_devices_replaces_the_device_count():
+    """`bench.py generate --devices N` makes exactly N devices, even where XLA_FLAGS already
+    asks for 8 (as the test suite does), so one device per core is really one per core."""
+    code = ("import sys; sys.argv = ['bench.py']; sys.path.insert(0, 'scripts'); import bench; "
+            "bench.set_cpu_devices(2); import jax; print(jax.device_count())")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "2"
 
 
 def test_1b_shape_reads_the_repository_config():
