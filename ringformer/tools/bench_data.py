@@ -4,7 +4,7 @@ For each size a JSON-lines corpus of random words is written to a temporary dire
 deleted afterwards), then:
 - build: `cache.open_source` with the byte tokenizer over every core; MB of text per second;
 - pipeline: a fresh process maps the cache and draws packed, shuffled batches of
-  configs/tiny.py's shape (4096 tokens a row); packed tokens per second delivered (host
+  4096-token rows; packed tokens per second delivered (host
   arrays, what the trainer hands to `make_array_from_process_local_data`) and the process's
   peak RSS (VmHWM: jax imported, index and batches included).
 """
