@@ -18,7 +18,6 @@
 import json
 import math
 import os
-import re
 import sys
 from argparse import ArgumentTypeError, RawTextHelpFormatter
 
@@ -85,15 +84,6 @@ def parse_args(argv: list[str] | None = None):
     return a
 
 
-def set_cpu_devices(n: int) -> None:
-    """Exactly n virtual CPU devices, replacing a count already in XLA_FLAGS (the test suite
-    sets 8); must run before jax is imported."""
-    if "jax" in sys.modules:
-        raise RuntimeError("set_cpu_devices must run before jax is imported")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags.strip()} --xla_force_host_platform_device_count={n}".strip()
-
-
 def parse_sizes(text: str) -> tuple[float, ...]:
     """`--sizes 0.1,1`: positive GB values."""
     sizes = tuple(positive(float)(t) for t in text.split(",") if t.strip())
@@ -128,12 +118,7 @@ def measure(a, sp_given: int | None) -> dict:
         return b.attention_speed(sp=a.sp, chunk=a.chunk, repeats=a.repeats, **kw)
     if a.bench == "balance":
         return b.balance(sp=a.sp, chunk=a.chunk or 512, **({"seq_len": a.seq} if a.seq else {}))
-    if a.devices:
-        # generate on a mesh of exactly these devices (e.g. one per core: a CPU host's virtual
-        # devices share its cores, so 8 on 2 cores pay per-device dispatch and collectives).
-        set_cpu_devices(a.devices)
-        a.sp = a.sp or a.devices
-    elif a.bench == "layout":
+    if a.bench == "layout":
         return b.layout_speed(sp=a.sp, chunk=a.chunk or 512, repeats=a.repeats, **kw)
     if a.bench == "step":
         return bench_step.step_speed(shape=a.shape or "tiny", sp=a.sp, repeats=a.repeats, **kw)
@@ -154,7 +139,7 @@ def main() -> None:
     if a.devices:
         # generate on a mesh of exactly these devices (e.g. one per core: a CPU host's virtual
         # devices share its cores, so 8 on 2 cores pay per-device dispatch and collectives).
-        set_cpu_devices(a.devices)
+        ensure_cpu_devices(a.devices, exactly=True)
         a.sp = a.sp or a.devices
     elif a.bench == "layout":
         # One virtual device per core, so the ring's devices compute in parallel for real.

@@ -19,14 +19,20 @@ from ringformer.config import check_config, check_structure
 from ringformer.errors import ConfigError, UserError
 
 
-def ensure_cpu_devices(n: int) -> None:
+def ensure_cpu_devices(n: int, *, exactly: bool = False) -> None:
     """Give a CPU-only host `n` virtual devices; must run before jax is imported.
 
+    A count already in XLA_FLAGS (the test suite sets 8) wins, unless `exactly`: then it is
+    replaced, and a call after jax was imported is an error rather than a silent no-op.
     On a machine with an accelerator the flag is harmless: it only affects the host platform.
     """
     if "jax" in sys.modules:
+        if exactly:
+            raise RuntimeError("ensure_cpu_devices(exactly=True) must run before jax is imported")
         return
     flags = os.environ.get("XLA_FLAGS", "")
+    if exactly:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", flags).strip()
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 

@@ -129,8 +129,8 @@ def test_bad_targets_and_sizes_give_one_error_line(args, message):
 def test_generate_devices_replaces_the_device_count():
     """`bench.py generate --devices N` makes exactly N devices, even where XLA_FLAGS already
     asks for 8 (as the test suite does), so one device per core is really one per core."""
-    code = ("import sys; sys.argv = ['bench.py']; sys.path.insert(0, 'scripts'); import bench; "
-            "bench.set_cpu_devices(2); import jax; print(jax.device_count())")
+    code = ("from ringformer.launch.flags import ensure_cpu_devices; "
+            "ensure_cpu_devices(2, exactly=True); import jax; print(jax.device_count())")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
