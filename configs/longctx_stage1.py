@@ -1,15 +1,21 @@
 """Long-context recipe, stage 1: a small LLaMA learns retrieval at 4K tokens per row.
 
-    python scripts/prepare_data.py --retrieval_examples 4000 --retrieval_long_examples 400
+    python scripts/prepare_data.py --retrieval_examples 4000 --retrieval_long_examples 400 \
+        --retrieval_warmup_examples 60000
+    python scripts/train.py --config configs/longctx_warmup.py --workdir runs/longctx/warmup
     python scripts/train.py --config configs/longctx_stage1.py --workdir runs/longctx/stage1
 
 or all of it, with stage 2 and the evaluation: `make longctx` (docs/long_context.md).
 
-Mostly supervised retrieval examples (data/longctx/train_short.jsonl: passkeys at random
-depths, many-pair key-value lookups, texts to copy; the loss only on the answers), a little
-of the stdlib corpus so the model still reads real text. Trained on whole documents, small models learn the
-filler and answer one fixed key (issue 23): the answers carry the loss here. Four layers of
-four heads: enough for the previous-token and induction (copying) heads retrieval needs, and
+Starts from the warm-up (`train.init_from`: short examples on 512-token rows, where the
+copying forms) and teaches it to reach across 4K: supervised retrieval examples of 256-4096
+tokens (data/longctx/train_short.jsonl: passkeys at random depths, many-pair key-value
+lookups, texts to copy; the loss only on the answers), some warm-up examples so the short
+reach is kept, a little of the stdlib corpus so the model still reads real text. Trained on
+whole documents, small models learn the filler and answer one fixed key (issue 23): the
+answers carry the loss here. The recipe's 2048-token BPE (data/longctx/tokenizer.json, digits
+one token each) makes each match 1-2 tokens long where bytes need 4-6. Four layers of four
+heads: enough for the previous-token and induction (copying) heads retrieval needs, and
 small enough (dim 128) for hundreds of steps in minutes on two cores.
 Mesh fsdp=2 x sp=4: each 4096-token row on a ring of 4.
 """
@@ -20,11 +26,14 @@ from ringformer.config import default_config
 
 STDLIB = "data/stdlib/train.jsonl"
 SHORT = "data/longctx/train_short.jsonl"
+WARMUP = "data/longctx/train_warmup.jsonl"
+TOKENIZER = "data/longctx/tokenizer.json"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = default_config()
-    c.train.steps = 400
+    c.train.init_from = "runs/longctx/warmup"
+    c.train.steps = 300
     c.train.log_every = 10
     c.train.eval_every = 100
     c.train.eval_batches = 1
@@ -36,10 +45,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data.seq_len = 4096
     c.data.global_batch_size = 2
-    # Shares of documents: a stdlib file is ~10x longer than a retrieval example.
-    c.data.sources = f"{STDLIB}:0.02,{SHORT}:0.98"
+    # Shares of documents. A stdlib file is ~5x longer than a retrieval example and all its
+    # tokens are targets, against ~300 answer tokens of an example: 1% of documents is
+    # already a sixth of the loss. A warm-up example is ~8x shorter than a short one.
+    c.data.sources = f"{STDLIB}:0.01,{WARMUP}:0.3,{SHORT}:0.69"
+    c.data.tokenizer = TOKENIZER
     c.data.eval_files = "data/longctx/heldout_long.jsonl"
 
+    c.model.vocab_size = 2048  # the BPE prepare_data.py trains (--retrieval_vocab)
     c.model.dim = 128
     c.model.n_layers = 4
     c.model.n_heads = 4
@@ -56,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.attention.q_chunk = 256
     c.attention.kv_chunk = 256
 
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 20
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 10
     c.optim.weight_decay = 0.01
     return c

@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data.seq_len = 16384
     c.data.global_batch_size = 1
-    c.data.sources = (f"{longctx_stage1.STDLIB}:0.04:16384:4,{longctx_stage1.SHORT}:0.48,"
+    c.data.sources = (f"{longctx_stage1.STDLIB}:0.02:16384:4,{longctx_stage1.SHORT}:0.49,"
                       f"{LONG}:0.48")
 
     c.model.rope_theta = 40000.0

@@ -47,6 +47,14 @@ def _retrieval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieval_long_examples", type=_at_least(0), default=0,
                         help="more examples of --retrieval_max_tokens to "
                              "--retrieval_long_max_tokens tokens (stage 2)")
+    parser.add_argument("--retrieval_warmup_examples", type=_at_least(0), default=0,
+                        help="short examples for the warm-up phase, of "
+                             "--retrieval_warmup_min_tokens to --retrieval_warmup_max_tokens")
+    parser.add_argument("--retrieval_warmup_min_tokens", type=_at_least(32), default=32)
+    parser.add_argument("--retrieval_warmup_max_tokens", type=_at_least(32), default=256)
+    parser.add_argument("--retrieval_vocab", type=_at_least(0), default=2048,
+                        help="train a byte-level BPE of this many tokens for the retrieval data "
+                             "(data/longctx/tokenizer.json; lengths count its tokens); 0: bytes")
     parser.add_argument("--retrieval_min_tokens", type=_at_least(256), default=256)
     parser.add_argument("--retrieval_max_tokens", type=_at_least(256), default=4096)
     parser.add_argument("--retrieval_long_max_tokens", type=_at_least(256), default=16384)
@@ -70,7 +78,14 @@ def _check_retrieval(args: argparse.Namespace) -> None:
         raise ConfigError("retrieval lengths must satisfy --retrieval_min_tokens <= "
                           "--retrieval_max_tokens < --retrieval_long_max_tokens",
                           "e.g. --retrieval_min_tokens 256 --retrieval_max_tokens 4096")
+    if not args.retrieval_warmup_min_tokens <= args.retrieval_warmup_max_tokens:
+        raise ConfigError("--retrieval_warmup_min_tokens is above --retrieval_warmup_max_tokens",
+                          "e.g. --retrieval_warmup_min_tokens 64 --retrieval_warmup_max_tokens 448")
+    if 0 < args.retrieval_vocab < 260:
+        raise ConfigError(f"--retrieval_vocab {args.retrieval_vocab} leaves no room for merges",
+                          "use 0 (bytes) or 260 or more, e.g. 2048")
     lengths, depths = args.heldout
+    # Counted in bytes: never fewer tokens than the BPE's, so this holds for both.
     least = bare_prompt_tokens() + 8  # the prompt and its answer, " KEY" plus slack
     if not lengths or not depths or min(lengths) < least or not all(0 <= d <= 1 for d in depths):
         raise ConfigError(f"--heldout_lengths need values of {least} or more and "
@@ -145,15 +160,18 @@ def main() -> int:
     print(f"passkey documents {'up to date' if passkey['skipped'] else 'written'}: "
           f"{passkey['out']} ({passkey['documents']} docs)")
     if retrieval:
+        cpt = ", ".join(f"{t} {c}" for t, c in retrieval["chars_per_token"].items())
+        counts = ", ".join(f"{k} {retrieval[k]}" for k in (
+            "train_warmup", "train_short", "train_long", "heldout_passkey", "heldout_long"))
         print(f"retrieval data {'up to date' if retrieval['skipped'] else 'written'}: "
-              f"{retrieval['out']} (train_short {retrieval['train_short']}, train_long "
-              f"{retrieval['train_long']}, heldout_passkey {retrieval['heldout_passkey']}, "
-              f"heldout_long {retrieval['heldout_long']} docs)")
+              f"{retrieval['out']} (tokenizer {retrieval['tokenizer']}"
+              f"{f'; chars/token: {cpt}' if cpt else ''}; docs: {counts})")
     return 0
 
 
 def _build_retrieval(args: argparse.Namespace, out: Path) -> dict:
     from ringformer.data.retrieval import build_retrieval_files, write_long_documents
+    from ringformer.data.tokenizer import load_tokenizer
 
     lengths, depths = args.heldout
     done = build_retrieval_files(
@@ -161,11 +179,16 @@ def _build_retrieval(args: argparse.Namespace, out: Path) -> dict:
         long_examples=args.retrieval_long_examples, min_tokens=args.retrieval_min_tokens,
         max_tokens=args.retrieval_max_tokens, long_max_tokens=args.retrieval_long_max_tokens,
         heldout_lengths=lengths, heldout_depths=depths,
-        heldout_per_length=args.heldout_per_length, seed=args.seed, force=args.force)
+        heldout_per_length=args.heldout_per_length, seed=args.seed,
+        warmup_examples=args.retrieval_warmup_examples,
+        warmup_tokens=(args.retrieval_warmup_min_tokens, args.retrieval_warmup_max_tokens),
+        vocab_size=args.retrieval_vocab, corpus=out / "stdlib" / "train.jsonl",
+        force=args.force)
+    tok = load_tokenizer(done["tokenizer"])
     # Cheap, so rewritten every time: it follows the stdlib split it is cut from.
     done["heldout_long"] = write_long_documents(out / "stdlib" / "eval.jsonl",
                                                 out / "longctx" / "heldout_long.jsonl",
-                                                args.heldout_doc_tokens)
+                                                args.heldout_doc_tokens, tokenizer=tok)
     return done
 
 

@@ -14,7 +14,11 @@ only, so a handful of answer tokens is not drowned by thousands of predictable f
 
 Held-out prompts (`heldout_passkey`) are the evaluation's: `passkey.FILLER` and keys of the
 held-out share of the key space (`is_heldout_key`), so neither filler nor key was trained on.
-Lengths count byte-tokenizer tokens (the text is ASCII: one byte, one token).
+
+The generators count characters; `training_examples` turns token lengths into characters
+with a measured `chars_per_token` (1 for the byte tokenizer, whose ASCII bytes are tokens).
+`build_retrieval_files` can train the recipe's BPE (`ringformer.data.bpe`) first, on the
+training corpus and training examples only, and then sizes everything in its tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ringformer.data.passkey import INTRO, NEEDLE, QUESTION, make_passkey_example
+from ringformer.data.tokenizer import ByteTokenizer, Tokenizer
 
 # Words of the training haystack. The evaluation's filler ("The grass is green. The sky is
 # blue. The sun is yellow. Here we go. There and back again.") uses none of its nouns or
@@ -101,7 +106,9 @@ def _names(rng: np.random.Generator, n: int) -> list[str]:
     names: set[str] = set()
     while len(names) < n:
         names.add("".join(rng.choice(letters, 4)))
-    return sorted(names, key=lambda _: rng.uniform())
+    # Sorted before shuffling: a set's order follows the per-process string hash seed, so
+    # shuffling it directly gave different examples from the same seed in each process.
+    return [str(x) for x in rng.permutation(sorted(names))]
 
 
 def kv_example(rng: np.random.Generator, length: int, *, density: int = 96,
@@ -163,9 +170,12 @@ DEFAULT_SHARES = {"passkey": 0.4, "kv": 0.2, "copy": 0.4}
 
 def training_examples(n: int, *, min_tokens: int, max_tokens: int, seed: int,
                       shares: dict[str, float] | None = None,
+                      chars_per_token: dict[str, float] | None = None,
                       desc: str = "retrieval examples") -> list[dict]:
     """`n` examples of the TASKS in proportion to `shares`, lengths log-uniform in
-    [min_tokens, max_tokens]; the same seed gives the same examples."""
+    [min_tokens, max_tokens] tokens, of `chars_per_token[task]` characters each (default 1,
+    bytes; a record's `length` counts characters); the same seed gives the same examples."""
+    cpt = chars_per_token or {}
     shares = shares or DEFAULT_SHARES
     names = sorted(shares)
     p = np.array([shares[k] for k in names], float)
@@ -174,70 +184,140 @@ def training_examples(n: int, *, min_tokens: int, max_tokens: int, seed: int,
     for _ in tqdm(range(n), desc=desc, unit="ex", leave=False):
         length = log_uniform(rng, min_tokens, max_tokens)
         task = names[int(rng.choice(len(names), p=p / p.sum()))]
-        out.append(TASKS[task](rng, length))
+        out.append(TASKS[task](rng, max(1, round(length * cpt.get(task, 1.0)))))
     return out
 
 
 def heldout_passkey(lengths: Sequence[int], depths: Sequence[float], per_length: int, *,
-                    seed: int) -> list[dict]:
+                    seed: int, tokenizer: Tokenizer | None = None) -> list[dict]:
     """Evaluation prompts: `per_length` per length, depths taken in turn; the standard filler
-    and held-out keys. `length` bounds prompt + answer (the answer needs len(" KEY") + 2)."""
+    and held-out keys. `length` bounds prompt + answer in tokens of `tokenizer` (bytes by
+    default); the answer needs the tokens of " KEY" and 2 more."""
+    tok = tokenizer or ByteTokenizer()
     rng = np.random.default_rng(seed)
     out = []
-    for n in lengths:
+    for n in tqdm(lengths, desc="held-out passkey prompts", unit="length", leave=False):
         for i in range(per_length):
             key = draw_key(rng, heldout=True)
             depth = float(depths[i % len(depths)])
-            ex = make_passkey_example(int(n) - len(key) - 3, depth, key=key)
+            room = len(tok.encode(f" {key}")) + 2
+            ex = make_passkey_example(int(n) - room, depth, key=key, tokenizer=tok)
             out.append({"prompt": ex.text, "key": key, "answer": ex.answer, "length": int(n),
                         "depth": depth, "needle_char": ex.needle_char})
     return out
 
 
+def _recipe_tokenizer(out: Path, vocab_size: int, corpus: Path | None, *, max_tokens: int,
+                      seed: int) -> tuple[Tokenizer, dict[str, float]]:
+    """The tokenizer the examples are sized in and its measured characters per token on
+    training examples of each task: bytes (1 each), or a BPE of `vocab_size` trained on the
+    `corpus` jsonl's texts and a sample of training examples (never held-out text), saved
+    as tokenizer.json. Per task, since random copy text packs 2-3x fewer characters into a
+    token than the filler sentences do."""
+    import json
+
+    from ringformer.data.bpe import train_bpe
+    from ringformer.data.tokenizer import load_tokenizer
+
+    if not vocab_size:
+        return ByteTokenizer(), {}
+    records = training_examples(2000, min_tokens=64, max_tokens=max_tokens, seed=seed + 3,
+                                desc="tokenizer sample")
+    sample = [r["prompt"] + r["response"] for r in records]
+
+    def texts():
+        if corpus is not None:
+            with open(corpus, encoding="utf-8") as f:
+                yield from (json.loads(line)["text"] for line in f if line.strip())
+        yield from sample
+
+    tok = load_tokenizer(str(train_bpe(texts(), vocab_size, out / "tokenizer.json")))
+    chars, tokens = {}, {}
+    for r, text, ids in zip(records, sample, tok.encode_batch(sample), strict=True):
+        chars[r["task"]] = chars.get(r["task"], 0) + len(text)
+        tokens[r["task"]] = tokens.get(r["task"], 0) + len(ids)
+    return tok, {t: chars[t] / tokens[t] for t in sorted(chars)}
+
+
 def build_retrieval_files(out_dir: str | Path, *, examples: int, long_examples: int,
                           min_tokens: int, max_tokens: int, long_max_tokens: int,
                           heldout_lengths: Sequence[int], heldout_depths: Sequence[float],
-                          heldout_per_length: int, seed: int, force: bool = False) -> dict:
-    """`out_dir/{train_short,train_long,heldout_passkey}.jsonl`, rebuilt only when the
-    arguments change. Long examples span (max_tokens, long_max_tokens]."""
+                          heldout_per_length: int, seed: int, warmup_examples: int = 0,
+                          warmup_tokens: tuple[int, int] = (32, 256), vocab_size: int = 0,
+                          corpus: str | Path | None = None, force: bool = False) -> dict:
+    """`out_dir/{train_warmup,train_short,train_long,heldout_passkey}.jsonl` (and with a
+    `vocab_size`, the BPE `tokenizer.json` they are sized in), rebuilt only when the
+    arguments or the corpus change. Warm-up examples span `warmup_tokens`, short ones
+    [min_tokens, max_tokens], long ones (max_tokens, long_max_tokens]."""
     from ringformer.data.corpus import _signature, _up_to_date, _write_jsonl, _write_manifest
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    args = [2, examples, long_examples, min_tokens, max_tokens, long_max_tokens,
-            list(heldout_lengths), list(heldout_depths), heldout_per_length, seed]
-    paths = {k: out / f"{k}.jsonl" for k in ("train_short", "train_long", "heldout_passkey")}
+    corpus = Path(corpus) if corpus is not None and vocab_size else None
+    args = [5, examples, long_examples, min_tokens, max_tokens, long_max_tokens,
+            list(heldout_lengths), list(heldout_depths), heldout_per_length, seed,
+            warmup_examples, list(warmup_tokens), vocab_size,
+            corpus.stat().st_size if corpus else None]
+    names = ["train_warmup", "train_short", "train_long", "heldout_passkey"]
+    paths = {k: out / f"{k}.jsonl" for k in names}
+    outputs = [*paths.values(), *([out / "tokenizer.json"] if vocab_size else [])]
     manifest = out / ".manifest.json"
     sig = _signature(args)
-    if not force and (done := _up_to_date(manifest, sig, paths.values())) is not None:
+    if not force and (done := _up_to_date(manifest, sig, outputs)) is not None:
         return {**done, "skipped": True}
+    tok, cpt = _recipe_tokenizer(out, vocab_size, corpus, max_tokens=max_tokens, seed=seed)
     records = {
+        "train_warmup": training_examples(warmup_examples, min_tokens=warmup_tokens[0],
+                                          max_tokens=warmup_tokens[1], seed=seed + 4,
+                                          chars_per_token=cpt, desc="warm-up examples"),
         "train_short": training_examples(examples, min_tokens=min_tokens,
-                                         max_tokens=max_tokens, seed=seed),
+                                         max_tokens=max_tokens, seed=seed,
+                                         chars_per_token=cpt),
         "train_long": training_examples(long_examples, min_tokens=max_tokens + 1,
                                         max_tokens=long_max_tokens, seed=seed + 1,
-                                        desc="long retrieval examples"),
+                                        chars_per_token=cpt, desc="long retrieval examples"),
         # Its own seed stream; draw_key keeps its keys out of the training share anyway.
         "heldout_passkey": heldout_passkey(heldout_lengths, heldout_depths,
-                                           heldout_per_length, seed=seed + 2)}
-    summary = {"out": str(out)} | {k: _write_jsonl(paths[k], r) for k, r in records.items()}
-    _write_manifest(manifest, sig, summary, paths.values())
+                                           heldout_per_length, seed=seed + 2, tokenizer=tok)}
+    summary = {"out": str(out), "tokenizer": tok.name,
+               "chars_per_token": {t: round(c, 3) for t, c in cpt.items()}} | \
+        {k: _write_jsonl(paths[k], r) for k, r in records.items()}
+    _write_manifest(manifest, sig, summary, outputs)
     return {**summary, "skipped": False}
 
 
-def write_long_documents(src: str | Path, dst: str | Path, tokens: int, limit: int = 8) -> int:
-    """Up to `limit` documents of the jsonl `src` with at least `tokens` byte tokens, each cut
-    to its first `tokens` bytes, into `dst`: one evaluation window of held-out text per
-    document at context `tokens` (the EOS is the last target), so the loss by position reaches
-    the last bucket on every document, at a known cost."""
+def _cut(text: str, tokens: int, tok: Tokenizer) -> str | None:
+    """The longest prefix of `text` of at most `tokens` tokens, or None if that is more than
+    2 tokens short (a text too short, or one whose count jumps there)."""
+    ids = tok.encode(text)
+    if len(ids) < tokens:
+        return None
+    # Decoding a prefix and encoding it again can merge (or split a character) across the
+    # cut, and a run of spaces can drop two tokens with one character: so cut a little past
+    # the mark and drop characters from the end until the count fits.
+    head = tok.decode(ids[:tokens + 4])
+    while head and len(tok.encode(head)) > tokens:
+        head = head[:-1]
+    return head if len(tok.encode(head)) >= tokens - 2 else None
+
+
+def write_long_documents(src: str | Path, dst: str | Path, tokens: int, limit: int = 8,
+                         tokenizer: Tokenizer | None = None) -> int:
+    """Up to `limit` documents of the jsonl `src` with at least `tokens` tokens of `tokenizer`
+    (bytes by default), each cut to its first `tokens` tokens (one or two fewer where no
+    character boundary falls exactly there), into `dst`: one evaluation window of held-out
+    text per document at context `tokens` (the EOS is the last target), so the loss by
+    position reaches the last bucket on every document, at a known cost."""
     import json
 
     from ringformer.data.corpus import _write_jsonl
 
+    tok = tokenizer or ByteTokenizer()
     docs = []
     with open(src, encoding="utf-8") as f:
         for d in map(json.loads, f):
-            raw = d["text"].encode()
-            if len(raw) >= tokens and len(docs) < limit:
-                docs.append({"text": raw[:tokens].decode("utf-8", "ignore"), "path": d.get("path")})
+            if len(docs) == limit:
+                break
+            if len(d["text"].encode()) >= tokens and (head := _cut(d["text"], tokens, tok)):
+                docs.append({"text": head, "path": d.get("path")})
     return _write_jsonl(Path(dst), docs)

@@ -1,0 +1,52 @@
+"""Long-context recipe, warm-up: short retrieval examples until copying forms (stage 1's first part).
+
+    python scripts/prepare_data.py --retrieval_examples 4000 --retrieval_long_examples 400 \
+        --retrieval_warmup_examples 60000
+    python scripts/train.py --config configs/longctx_warmup.py --workdir runs/longctx/warmup
+
+or all of the recipe: `make longctx` (docs/long_context.md). Stage 1's model and tokenizer
+(configs/longctx_stage1.py) on 512-token rows of 32-256-token examples
+(data/longctx/train_warmup.jsonl), where each retrieval target is a few hundred tokens from
+its answer at most: the copying (induction) circuits form here, where a token is about 1.6x
+cheaper than in stage 1's 4K rows, and stage 1 (`train.init_from` this workdir) then teaches
+them to reach across 4K. Every device takes its own rows (dp=-1); no ring is needed at 512.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+# By path: a config file is loaded by path too, with no package around it.
+_spec = importlib.util.spec_from_file_location(
+    "longctx_stage1", Path(__file__).with_name("longctx_stage1.py"))
+longctx_stage1 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(longctx_stage1)
+
+WARMUP = "data/longctx/train_warmup.jsonl"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = longctx_stage1.get_config()
+    c.train.init_from = ""
+    c.train.steps = 800
+    c.train.save_every = 100
+
+    c.mesh.dp, c.mesh.fsdp, c.mesh.sp, c.mesh.tp = -1, 1, 1, 1
+
+    c.data.seq_len = 512
+    c.data.global_batch_size = 16
+    # Only the examples: a stdlib file is ~5,000 tokens, all of them targets, so even 2% of
+    # documents made two thirds of the loss and a third of the rows code, and copying did
+    # not form in 700 steps (measured, docs/long_context.md).
+    c.data.sources = WARMUP
+    # No evaluation here: the three held-out 16K documents cannot be dealt to 8 data shards,
+    # and stages 1 and 2 evaluate them.
+    c.data.eval_files = ""
+
+    c.attention.impl = "blockwise"
+    c.attention.q_chunk = c.attention.kv_chunk = 128
+
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 20
+    return c
