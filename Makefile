@@ -38,7 +38,7 @@ bench: $(STAMP)
 # flags to both evaluations (e.g. --batch 1); PASSKEY the held-out prompts' file.
 LONGCTX      := runs/longctx
 LONGCTX_DATA := --retrieval_examples 4000 --retrieval_long_examples 400 \
-                --retrieval_warmup_examples 60000
+                --retrieval_warmup_examples 100000
 PASSKEY      := data/longctx/heldout_passkey.jsonl
 
 longctx: $(STAMP)

@@ -1,7 +1,7 @@
 """Long-context recipe, stage 1: a small LLaMA learns retrieval at 4K tokens per row.
 
     python scripts/prepare_data.py --retrieval_examples 4000 --retrieval_long_examples 400 \
-        --retrieval_warmup_examples 60000
+        --retrieval_warmup_examples 100000
     python scripts/train.py --config configs/longctx_warmup.py --workdir runs/longctx/warmup
     python scripts/train.py --config configs/longctx_stage1.py --workdir runs/longctx/stage1
 
@@ -33,7 +33,7 @@ TOKENIZER = "data/longctx/tokenizer.json"
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = default_config()
     c.train.init_from = "runs/longctx/warmup"
-    c.train.steps = 300
+    c.train.steps = 400
     c.train.log_every = 10
     c.train.eval_every = 100
     c.train.eval_batches = 1

@@ -50,8 +50,8 @@ def _retrieval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieval_warmup_examples", type=_at_least(0), default=0,
                         help="short examples for the warm-up phase, of "
                              "--retrieval_warmup_min_tokens to --retrieval_warmup_max_tokens")
-    parser.add_argument("--retrieval_warmup_min_tokens", type=_at_least(32), default=32)
-    parser.add_argument("--retrieval_warmup_max_tokens", type=_at_least(32), default=256)
+    parser.add_argument("--retrieval_warmup_min_tokens", type=_at_least(16), default=16)
+    parser.add_argument("--retrieval_warmup_max_tokens", type=_at_least(16), default=128)
     parser.add_argument("--retrieval_vocab", type=_at_least(0), default=2048,
                         help="train a byte-level BPE of this many tokens for the retrieval data "
                              "(data/longctx/tokenizer.json; lengths count its tokens); 0: bytes")

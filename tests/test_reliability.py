@@ -290,11 +290,18 @@ def test_debug_brings_the_traceback_back(home, tmp_path):
         assert not (tmp_path / "run").exists()
 
 
-def test_prepare_data_bad_argument_is_one_line(tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (["--limit", "many"], "argument --limit: invalid int value: 'many'"),
+    (["--retrieval_examples", "4", "--retrieval_vocab", "100"],
+     "--retrieval_vocab 100 leaves no room for merges"),
+    (["--retrieval_examples", "4", "--retrieval_warmup_min_tokens", "200",
+      "--retrieval_warmup_max_tokens", "100"],
+     "--retrieval_warmup_min_tokens is above --retrieval_warmup_max_tokens")])
+def test_prepare_data_bad_argument_is_one_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--out",
-                           str(tmp_path / "d"), "--limit", "many"], capture_output=True, text=True,
+                           str(tmp_path / "d"), *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
-    assert_user_error(proc, "argument --limit: invalid int value: 'many'")
+    assert_user_error(proc, message)
     assert not (tmp_path / "d").exists()
 
 

@@ -166,6 +166,10 @@ def copy_example(rng: np.random.Generator, length: int) -> dict:
 TASKS = {"passkey": passkey_example, "kv": kv_example, "copy": copy_example}
 # Shares of the examples: copying first forms the circuits; passkey is what is evaluated.
 DEFAULT_SHARES = {"passkey": 0.4, "kv": 0.2, "copy": 0.4}
+# Past the warm-up, shares that keep the retrieval answers from drowning: a copy example's
+# response is half its length, so at 40% of 1-4K-token examples copies were 95% of the
+# answer tokens and passkeys under 1%.
+REACH_SHARES = {"passkey": 0.5, "kv": 0.4, "copy": 0.1}
 
 
 def training_examples(n: int, *, min_tokens: int, max_tokens: int, seed: int,
@@ -243,7 +247,7 @@ def build_retrieval_files(out_dir: str | Path, *, examples: int, long_examples: 
                           min_tokens: int, max_tokens: int, long_max_tokens: int,
                           heldout_lengths: Sequence[int], heldout_depths: Sequence[float],
                           heldout_per_length: int, seed: int, warmup_examples: int = 0,
-                          warmup_tokens: tuple[int, int] = (32, 256), vocab_size: int = 0,
+                          warmup_tokens: tuple[int, int] = (16, 128), vocab_size: int = 0,
                           corpus: str | Path | None = None, force: bool = False) -> dict:
     """`out_dir/{train_warmup,train_short,train_long,heldout_passkey}.jsonl` (and with a
     `vocab_size`, the BPE `tokenizer.json` they are sized in), rebuilt only when the
@@ -254,7 +258,7 @@ def build_retrieval_files(out_dir: str | Path, *, examples: int, long_examples: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = Path(corpus) if corpus is not None and vocab_size else None
-    args = [5, examples, long_examples, min_tokens, max_tokens, long_max_tokens,
+    args = [6, examples, long_examples, min_tokens, max_tokens, long_max_tokens,
             list(heldout_lengths), list(heldout_depths), heldout_per_length, seed,
             warmup_examples, list(warmup_tokens), vocab_size,
             corpus.stat().st_size if corpus else None]
@@ -272,10 +276,11 @@ def build_retrieval_files(out_dir: str | Path, *, examples: int, long_examples: 
                                           chars_per_token=cpt, desc="warm-up examples"),
         "train_short": training_examples(examples, min_tokens=min_tokens,
                                          max_tokens=max_tokens, seed=seed,
-                                         chars_per_token=cpt),
+                                         shares=REACH_SHARES, chars_per_token=cpt),
         "train_long": training_examples(long_examples, min_tokens=max_tokens + 1,
                                         max_tokens=long_max_tokens, seed=seed + 1,
-                                        chars_per_token=cpt, desc="long retrieval examples"),
+                                        shares=REACH_SHARES, chars_per_token=cpt,
+                                        desc="long retrieval examples"),
         # Its own seed stream; draw_key keeps its keys out of the training share anyway.
         "heldout_passkey": heldout_passkey(heldout_lengths, heldout_depths,
                                            heldout_per_length, seed=seed + 2, tokenizer=tok)}
