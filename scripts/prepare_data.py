@@ -80,7 +80,7 @@ def _check_retrieval(args: argparse.Namespace) -> None:
                           "e.g. --retrieval_min_tokens 256 --retrieval_max_tokens 4096")
     if not args.retrieval_warmup_min_tokens <= args.retrieval_warmup_max_tokens:
         raise ConfigError("--retrieval_warmup_min_tokens is above --retrieval_warmup_max_tokens",
-                          "e.g. --retrieval_warmup_min_tokens 64 --retrieval_warmup_max_tokens 448")
+                          "e.g. --retrieval_warmup_min_tokens 16 --retrieval_warmup_max_tokens 128")
     if 0 < args.retrieval_vocab < 260:
         raise ConfigError(f"--retrieval_vocab {args.retrieval_vocab} leaves no room for merges",
                           "use 0 (bytes) or 260 or more, e.g. 2048")
@@ -184,7 +184,9 @@ def _build_retrieval(args: argparse.Namespace, out: Path) -> dict:
         warmup_tokens=(args.retrieval_warmup_min_tokens, args.retrieval_warmup_max_tokens),
         vocab_size=args.retrieval_vocab, corpus=out / "stdlib" / "train.jsonl",
         force=args.force)
-    tok = load_tokenizer(done["tokenizer"])
+    # By its place, not the path the manifest recorded: the data directory may have moved.
+    tok = load_tokenizer(str(out / "longctx" / "tokenizer.json") if args.retrieval_vocab
+                         else "byte")
     # Cheap, so rewritten every time: it follows the stdlib split it is cut from.
     done["heldout_long"] = write_long_documents(out / "stdlib" / "eval.jsonl",
                                                 out / "longctx" / "heldout_long.jsonl",

@@ -261,7 +261,7 @@ def build_retrieval_files(out_dir: str | Path, *, examples: int, long_examples: 
     args = [6, examples, long_examples, min_tokens, max_tokens, long_max_tokens,
             list(heldout_lengths), list(heldout_depths), heldout_per_length, seed,
             warmup_examples, list(warmup_tokens), vocab_size,
-            corpus.stat().st_size if corpus else None]
+            hashlib.sha256(corpus.read_bytes()).hexdigest() if corpus else None]
     names = ["train_warmup", "train_short", "train_long", "heldout_passkey"]
     paths = {k: out / f"{k}.jsonl" for k in names}
     outputs = [*paths.values(), *([out / "tokenizer.json"] if vocab_size else [])]
