@@ -184,9 +184,11 @@ def _build_retrieval(args: argparse.Namespace, out: Path) -> dict:
         warmup_tokens=(args.retrieval_warmup_min_tokens, args.retrieval_warmup_max_tokens),
         vocab_size=args.retrieval_vocab, corpus=out / "stdlib" / "train.jsonl",
         force=args.force)
-    # By its place, not the path the manifest recorded: the data directory may have moved.
-    tok = load_tokenizer(str(out / "longctx" / "tokenizer.json") if args.retrieval_vocab
-                         else "byte")
+    # By their place, not the paths the manifest recorded: the data directory may have moved.
+    done["out"] = str(out / "longctx")
+    if args.retrieval_vocab:
+        done["tokenizer"] = str(out / "longctx" / "tokenizer.json")
+    tok = load_tokenizer(done["tokenizer"])
     # Cheap, so rewritten every time: it follows the stdlib split it is cut from.
     done["heldout_long"] = write_long_documents(out / "stdlib" / "eval.jsonl",
                                                 out / "longctx" / "heldout_long.jsonl",
