@@ -30,14 +30,20 @@ def prepare_workdir(path: str | os.PathLike) -> Path:
     if p.exists() and not p.is_dir():
         raise UserError(f"workdir {p} is a regular file, not a directory",
                         "pass a directory path to --workdir (it is created if missing)")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as e:  # a parent is a file
-        raise UserError(f"cannot create workdir {p}: a parent path is a file",
-                        "choose a --workdir whose parents are directories") from e
-    except OSError as e:
-        raise UserError(f"cannot create workdir {p}: {e.strerror}",
-                        "choose a --workdir you can write to") from e
+    for attempt in range(3):
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            return p
+        except (FileExistsError, NotADirectoryError) as e:
+            # A peer process of a multi-process run may make and remove the same directory
+            # between mkdir's attempt and its is_dir check: blame a parent only if one is a
+            # file, else try again.
+            if attempt == 2 or any(q.exists() and not q.is_dir() for q in (p, *p.parents)):
+                raise UserError(f"cannot create workdir {p}: a parent path is a file",
+                                "choose a --workdir whose parents are directories") from e
+        except OSError as e:
+            raise UserError(f"cannot create workdir {p}: {e.strerror}",
+                            "choose a --workdir you can write to") from e
     return p
 
 
