@@ -10,16 +10,14 @@ to 16K tokens (data/longctx/train_long.jsonl) beside the short ones, so the answ
 from far back. Mesh sp=8: one 16K row on a ring of 8.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from ringformer.config import config_module
+
 # By path: a config file is loaded by path too, with no package around it.
-_spec = importlib.util.spec_from_file_location(
-    "longctx_stage1", Path(__file__).with_name("longctx_stage1.py"))
-longctx_stage1 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(longctx_stage1)
+longctx_stage1 = config_module(Path(__file__).with_name("longctx_stage1.py"))
 
 LONG = "data/longctx/train_long.jsonl"
 

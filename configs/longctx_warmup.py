@@ -13,16 +13,14 @@ cheaper than in stage 1's 4K rows, and stage 1 (`train.init_from` this workdir) 
 them to reach across 4K. Every device takes its own rows (dp=-1); no ring is needed at 512.
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
+from ringformer.config import config_module
+
 # By path: a config file is loaded by path too, with no package around it.
-_spec = importlib.util.spec_from_file_location(
-    "longctx_stage1", Path(__file__).with_name("longctx_stage1.py"))
-longctx_stage1 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(longctx_stage1)
+longctx_stage1 = config_module(Path(__file__).with_name("longctx_stage1.py"))
 
 WARMUP = "data/longctx/train_warmup.jsonl"
 

@@ -13,8 +13,11 @@ functions here that those callers use. No jax: scripts import this before jax st
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import numbers
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Self
 
 import ml_collections
@@ -207,6 +210,17 @@ _FLAT_ATTENTION_KEYS = {"attn_impl": "impl", "attn_layout": "layout", "q_chunk":
 SECTIONS: dict[str, type[Section]] = {"train": TrainConfig, "mesh": MeshConfig, "data": DataConfig,
                                       "model": ModelConfig, "attention": AttentionConfig,
                                       "optim": OptimConfig}
+
+
+def config_module(path: str | os.PathLike):
+    """The config file at `path` as a module (its `get_config` builds the ConfigDict). Config
+    files live outside the package and are loaded by path, so a config that extends another
+    (configs/longctx_stage2.py on stage 1) and the benchmark tools load it through this."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def default_config() -> ml_collections.ConfigDict:

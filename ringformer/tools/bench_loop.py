@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from ringformer.config import config_module
 from ringformer.train import loop
 from ringformer.train.metrics import read_metrics
 
@@ -57,10 +57,7 @@ class _Prefed:
 
 def _config(name: str, steps: int, corpus: Path):
     path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = config_module(path).get_config()
     c.data.train_files, c.data.eval_files = str(corpus), ""
     c.train.steps, c.train.log_every, c.train.save_every = steps, steps, 10**6
     return c

@@ -7,7 +7,6 @@ GPU devices); speed is timed on synthetic tokens, one document per row.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -16,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ringformer import model, optim, sharding
-from ringformer.config import default_config, validate
+from ringformer.config import config_module, default_config, validate
 from ringformer.errors import ConfigError
 from ringformer.tools import benchmark, hlo_overlap
 from ringformer.train import loop, metrics
@@ -187,7 +186,4 @@ def step_speed(*, shape: str = "tiny", seq: int = 8192, sp: int = 8, repeats: in
 def llama_1b_config():
     """configs/llama_1b_32k.py's config: the model the GPU benchmarks train."""
     path = Path(__file__).resolve().parents[2] / "configs" / "llama_1b_32k.py"
-    spec = importlib.util.spec_from_file_location("llama_1b_32k", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_module(path).get_config()

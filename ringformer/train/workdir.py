@@ -33,7 +33,7 @@ def prepare_workdir(path: str | os.PathLike) -> Path:
     for attempt in range(3):
         try:
             p.mkdir(parents=True, exist_ok=True)
-            return p
+            break
         except (FileExistsError, NotADirectoryError) as e:
             # A peer process of a multi-process run may make and remove the same directory
             # between mkdir's attempt and its is_dir check: blame a parent only if one is a
