@@ -176,7 +176,33 @@ def test_recipe_end_to_end(data, tmp_path):
         assert r["passkey"]["lengths"] == [512] and r["passkey"]["prompts_by_length"] == [2]
         assert r["loss_by_position"][-1]["end"] == 512
         evals[name] = out
+    _probe(s1)
     made = compare(evals, tmp_path / "images")
     assert Path(made["passkey_plot"]).stat().st_size > 0
     assert Path(made["loss_plot"]).stat().st_size > 0
     assert made["markdown"].count("| stage") == 2
+
+
+def _probe(workdir: Path) -> None:
+    """The retrieval probe on stage 1's model, on the ring (sp=8, padded to the layout), as
+    scripts/longctx_probe.py runs it: its argmax is the plain one-device forward's."""
+    import jax.numpy as jnp
+
+    from ringformer import model
+    from ringformer.data.tokenizer import load_tokenizer
+    from ringformer.eval import retrieval_probe as probe
+    from ringformer.eval.tool import eval_mesh, load_model
+
+    mesh, sizes = eval_mesh(None, 256, None)
+    assert sizes["sp"] == 8
+    cfg, params, spec, _ = load_model(mesh_sizes=sizes, context=256, workdir=str(workdir))
+    argmax = probe.model_argmax(cfg, params, mesh)
+    ids = np.random.default_rng(0).integers(0, 300, 96).astype(np.int32)
+    one = cfg.with_attention(impl="blockwise", layout="contiguous")
+    plain = jnp.argmax(model.logits(one, params, ids[None]), -1)
+    np.testing.assert_array_equal(argmax(ids), np.asarray(plain)[0])
+    r = probe.run_probe(argmax, load_tokenizer(spec), tasks=["passkey", "kv"],
+                        lengths=[64, 200], per_length=1, progress=False)
+    assert all(total > 0 for _, total in r["counts"]["passkey"][probe.FIRST])
+    assert all(0.0 <= a <= 1.0 for t in r["tasks"] for c in probe.CLASSES
+               for a in r["accuracy"][t][c] if a is not None)

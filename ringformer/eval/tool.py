@@ -106,7 +106,7 @@ def run(*, data: Sequence[str] | str, context: int, out: str, workdir: str | Non
         if passkey or passkey_file else None
     _check_before_loading(data, context=context, out=out, stride=stride, batch_size=batch_size,
                           pk=pk)
-    mesh, sizes = _make_mesh(mesh_sizes, context, batch_size)
+    mesh, sizes = eval_mesh(mesh_sizes, context, batch_size)
     cfg, params, own_tok, source = load_model(
         mesh_sizes=sizes, context=context, workdir=workdir, step=step, hf_dir=hf_dir,
         dtype=dtype, allow_longer_context=allow_longer_context)
@@ -144,7 +144,7 @@ def _check_before_loading(data: Sequence[str] | str, *, context: int, out: str,
         raise options.eval_data_error(e) from e
 
 
-def _make_mesh(mesh_sizes: dict | None, context: int,
+def eval_mesh(mesh_sizes: dict | None, context: int,
                batch_size: int | None) -> tuple[jax.sharding.Mesh, dict[str, int]]:
     """(mesh, its axis sizes): the given sizes (-1 filled), or all devices on sp."""
     sizes = dict(mesh_sizes) if mesh_sizes else default_mesh(jax.device_count(), context)
