@@ -55,6 +55,10 @@ longctx: $(STAMP)
 	done
 	$(PY) scripts/longctx_report.py --eval "stage 1=$(LONGCTX)/eval_stage1.json" \
 	    --eval "stage 2=$(LONGCTX)/eval_stage2.json" --out_dir $(LONGCTX)
+	for s in stage1 stage2; do \
+	    $(PY) scripts/longctx_probe.py --workdir $(LONGCTX)/$$s --out $(LONGCTX)/probe_$$s.json \
+	        --lengths 64,256,1024,4096,16384 --per_length 4 || exit 1; \
+	done
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache
