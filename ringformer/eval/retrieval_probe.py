@@ -19,6 +19,7 @@ examples are the training distribution, not the held-out prompts `scripts/eval.p
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 
@@ -110,8 +111,6 @@ def markdown(result: dict) -> str:
 def model_argmax(cfg, params: dict, mesh) -> ArgmaxFn:
     """The argmax function of a model on `mesh` (ring attention over sp, any length): ids
     are padded to the length the layout and the attention chunks divide, as for prefill."""
-    import functools
-
     import jax
     import jax.numpy as jnp
 
