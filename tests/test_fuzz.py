@@ -52,12 +52,9 @@ def assert_one_line(e: UserError) -> None:
 
 
 def smoke_config():
-    import importlib.util
+    from ringformer.config import config_module
 
-    spec = importlib.util.spec_from_file_location("smoke", SMOKE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_module(SMOKE).get_config()
 
 
 # ----------------------------------------------------------------------------- config values

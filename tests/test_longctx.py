@@ -9,7 +9,6 @@ held-out prompts) and the side-by-side report: the same configs and code paths a
 recipe, with only the sizes overridden, so the recipe cannot rot.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,16 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ringformer.config import config_module
+
 ROOT = Path(__file__).resolve().parents[1]
 TOY_MODEL = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, mlp_chunk=32,
                  loss_chunk=32, vocab_size=300)
 
 
 def _config(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_module(ROOT / "configs" / f"{name}.py").get_config()
 
 
 def _toy(config, data: Path, seq_len: int, sources: str):

@@ -110,12 +110,9 @@ def ckpt_steps(workdir: Path) -> list[int]:
 
 
 def smoke_config(**overrides):
-    import importlib.util
+    from ringformer.config import config_module
 
-    spec = importlib.util.spec_from_file_location("smoke_config", SMOKE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = config_module(SMOKE).get_config()
     c.data.eval_files = ""
     for key, value in overrides.items():
         section, name = key.split(".")

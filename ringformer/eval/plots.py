@@ -66,10 +66,17 @@ def plot_passkey(table: dict, path: str | Path, title: str = "") -> Path:
 def heatmap(ax, grid, lengths, depths):
     """One accuracy grid [length][depth] (None: no prompt there) drawn depth down, length across."""
     acc = np.array([[np.nan if v is None else v for v in row] for row in grid], float).T
+    return accuracy_grid(ax, acc, [str(n) for n in lengths], [f"{d:.0%}" for d in depths],
+                         "prompt length (tokens)")
+
+
+def accuracy_grid(ax, acc: np.ndarray, columns: list[str], rows: list[str], xlabel: str):
+    """Accuracies [row][column] in [0, 1] (nan: none) as a red-to-green grid, each cell
+    written in."""
     im = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-    ax.set_xlabel("prompt length (tokens)")
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(xlabel)
     for i in range(acc.shape[0]):
         for j in range(acc.shape[1]):
             if not np.isnan(acc[i, j]):

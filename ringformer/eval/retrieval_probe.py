@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ringformer.data import retrieval
 from ringformer.data.tokenizer import Tokenizer
+from ringformer.eval import plots
 
 FIRST, REST, OTHER = "first digit", "other digits", "other"
 CLASSES = (FIRST, REST, OTHER)
@@ -146,14 +147,8 @@ def plot(result: dict, path, title: str = ""):
                  layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    im = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(rows)), [f"{t}: {c}" for t, c in rows])
-    ax.set_xlabel("example length (tokens)")
-    for i in range(acc.shape[0]):
-        for j in range(acc.shape[1]):
-            if not np.isnan(acc[i, j]):
-                ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    im = plots.accuracy_grid(ax, acc, [str(n) for n in lengths], [f"{t}: {c}" for t, c in rows],
+                             "example length (tokens)")
     fig.colorbar(im, ax=ax, shrink=0.8, label="teacher-forced argmax accuracy")
     ax.set_title(title or "retrieval probe (chance for a digit ~0.1)")
     path = Path(path)

@@ -14,11 +14,9 @@ SMOKE = str(ROOT / "configs" / "smoke.py")
 
 
 def smoke_config():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("smoke", SMOKE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from ringformer.config import config_module
+
+    return config_module(SMOKE).get_config()
 
 
 def dry(*args):

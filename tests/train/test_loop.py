@@ -249,11 +249,9 @@ def test_grad_accumulation_matches_one_big_batch(corpus, tmp_path):
 
 
 def smoke_config():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("smoke", SMOKE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from ringformer.config import config_module
+
+    return config_module(SMOKE).get_config()
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -361,11 +359,9 @@ def test_config_structure_is_checked(config, message):
       for n in (256, 512)],
 ])
 def test_shipped_configs_validate(name, arg, n_devices):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    validate(module.get_config(arg), n_devices)
+    from ringformer.config import config_module
+
+    validate(config_module(ROOT / "configs" / f"{name}.py").get_config(arg), n_devices)
 
 
 def test_virtual_devices_are_capped():
