@@ -151,6 +151,9 @@ class ModelConfig(Section):
     max_position: int = 0  # 0: no limit checked; otherwise the context the model was built for
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    # Each key mixes in its predecessor's (smeared keys, Olsson et al. 2022): a one-layer
+    # path to copying by content (docs/long_context.md). Not a LLaMA: no HF export.
+    smear_keys: bool = False
     init_std: float = 0.02
     dtype: str = "bfloat16"
     param_dtype: str = "float32"

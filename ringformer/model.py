@@ -74,6 +74,8 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
         },
         "final_norm": ("norm",),
     }
+    if cfg.smear_keys:
+        axes["layers"]["smear"] = ("layers", "kv_heads")
     if not cfg.tie_embeddings:
         axes["lm_head"] = ("embed", "vocab")
     return axes
@@ -91,6 +93,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
         },
         "final_norm": (d,),
     }
+    if cfg.smear_keys:
+        shapes["layers"]["smear"] = (L, g)
     if not cfg.tie_embeddings:
         shapes["lm_head"] = (d, v)
     return shapes
@@ -113,6 +117,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
     for path, shape, key in zip(paths, flat, keys, strict=True):
         if "norm" in path:
             leaves.append(jnp.ones(shape, dtype))
+        elif "smear" in path:  # sigmoid(0): half own key, half the predecessor's
+            leaves.append(jnp.zeros(shape, dtype))
         else:
             std = out_std if ("'wo'" in path or "'w_down'" in path) else cfg.init_std
             leaves.append((std * jax.random.normal(key, shape, F32)).astype(dtype))
@@ -193,6 +199,37 @@ def apply_rope(x, cos, sin):
     return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
+def previous_token(x, segment_ids, layout: str, n_sp: int):
+    """For x [b, s, ...] in `layout` order over `n_sp` shards: each token's predecessor in its
+    document (natural order), zeros for a document's first token.
+
+    The layout is a static permutation, so the predecessor's slot is known at trace time: one
+    slot back within a block (a shift, which sharding turns into a one-token exchange between
+    neighbours), a gather where a layout's blocks meet.
+    """
+    s = x.shape[1]
+    perm = layouts.permutation(layout, s, n_sp)
+    src = np.argsort(perm)[np.maximum(perm - 1, 0)]
+    first = jnp.asarray(perm == 0)[None, :]
+    if np.array_equal(src[1:], np.arange(s - 1)):
+        prev = jnp.pad(x[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))
+    else:
+        prev = jnp.take(x, jnp.asarray(src), axis=1)
+    keep = ~first
+    if segment_ids is not None:
+        keep = keep & (segment_ids == jnp.take(segment_ids, jnp.asarray(src), axis=1))
+    return prev * keep.reshape(keep.shape + (1,) * (x.ndim - 2)).astype(x.dtype)
+
+
+def smear_keys(k, prev, weight):
+    """Keys [..., kv_heads, head_dim] mixed with their predecessors' (`previous_token`):
+    sigmoid(weight [kv_heads]) of a key is its own. A key that carries the token before it
+    lets one head match "the token after the last X" by content, the induction step a plain
+    model must build from two layers (Olsson et al. 2022, smeared keys)."""
+    own = jax.nn.sigmoid(weight.astype(F32))[:, None]
+    return (own * k.astype(F32) + (1 - own) * prev.astype(F32)).astype(k.dtype)
+
+
 def _use(w, names: tuple[str, ...], dtype, mesh: Mesh | None):
     """A weight as a matmul operand: cast to the compute dtype and gathered over fsdp and sp.
 
@@ -246,12 +283,15 @@ def _attention(cfg: ModelConfig, mesh: Mesh | None, x, lp, cos, sin, segment_ids
     k = jnp.einsum("bsd,dhk->bshk", x, _use(lp["wk"], ("embed", "kv_heads", "head_dim"), dt, mesh))
     v = jnp.einsum("bsd,dhk->bshk", x, _use(lp["wv"], ("embed", "kv_heads", "head_dim"), dt, mesh))
     q, k, v = (checkpoint_name(x, n) for x, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
+    a = cfg.attention
+    if cfg.smear_keys:
+        prev = previous_token(k, segment_ids, a.layout, sharding.seq_shards(mesh))
+        k = smear_keys(k, prev, _use(lp["smear"], ("kv_heads",), F32, mesh))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"), mesh)
     k = sharding.constrain(k, ("batch", "length", "kv_heads", "head_dim"), mesh)
     v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"), mesh)
     # Without a mesh there is no ring to pass blocks around: ring is exactly blockwise there.
-    a = cfg.attention
     impl = "blockwise" if mesh is None and a.impl == "ring" else a.impl
     o = attention_in_layout(q, k, v, mesh=mesh, impl=impl, causal=True,
                             segment_ids=segment_ids, q_chunk=a.q_chunk, kv_chunk=a.kv_chunk,

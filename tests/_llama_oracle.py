@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 VOCAB, DIM, FFN, LAYERS = 101, 64, 96, 2
@@ -49,3 +51,30 @@ def hf_logits(model, tokens: np.ndarray, position_ids: np.ndarray | None = None)
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@contextlib.contextmanager
+def smear_hooks(model, weights: np.ndarray):
+    """Smeared keys (ringformer's model.smear_keys) on a transformers LLaMA, written
+    independently: each layer's k_proj output, before RoPE, becomes sigmoid(w) k_t +
+    (1 - sigmoid(w)) k_(t-1) per kv head (zeros before the first token). weights: [layers,
+    kv_heads]. For whole sequences only (no KV cache: a cached step sees one token)."""
+    import torch
+
+    def hook(w):
+        own = torch.sigmoid(torch.as_tensor(w, dtype=torch.float32))[:, None]
+
+        def smear(_module, _inputs, k):
+            b, s, _ = k.shape
+            k4 = k.reshape(b, s, len(w), -1)
+            prev = torch.nn.functional.pad(k4[:, :-1], (0, 0, 0, 0, 1, 0))
+            return (own * k4 + (1 - own) * prev).reshape(b, s, -1)
+        return smear
+
+    handles = [layer.self_attn.k_proj.register_forward_hook(hook(w))
+               for layer, w in zip(model.model.layers, np.asarray(weights), strict=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _llama_oracle import VOCAB, build, hf_logits, rel_err
+from _llama_oracle import VOCAB, build, hf_logits, rel_err, smear_hooks
 
 from ringformer import mesh as meshlib
 from ringformer import model, sharding
@@ -52,6 +52,56 @@ def test_logits_match_transformers_on_mesh(llama, tokens, mesh_name):
     mesh, cfg = _mesh_and_cfg(mesh_name, cfg)
     err = rel_err(model.logits(cfg, params, tokens, mesh=mesh), hf_logits(ref, tokens))
     assert err < 1e-4, err
+
+
+# ----------------------------------------------------------------------------- smeared keys
+
+
+@pytest.fixture(scope="module")
+def smeared(llama):
+    """The oracle LLaMA with smeared keys: random mixing weights, far from the initial 0."""
+    ref, cfg, params = llama
+    w = np.random.default_rng(5).normal(0, 2, (cfg.n_layers, cfg.n_kv_heads)).astype(np.float32)
+    params = {**params, "layers": {**params["layers"], "smear": jnp.asarray(w)}}
+    return ref, dataclasses.replace(cfg, smear_keys=True), params, w
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_smeared_keys_match_transformers_with_smearing_hooks(smeared, tokens, mesh_name):
+    """On every layout (zigzag and striped put a token's predecessor on another device)."""
+    ref, cfg, params, w = smeared
+    mesh, cfg = _mesh_and_cfg(mesh_name, cfg)
+    with smear_hooks(ref, w):
+        want = hf_logits(ref, tokens)
+    assert rel_err(want, hf_logits(ref, tokens)) > 1e-2  # smearing changes the model
+    err = rel_err(model.logits(cfg, params, tokens, mesh=mesh), want)
+    assert err < 1e-4, err
+
+
+@pytest.mark.parametrize("mesh_name", ["single", "dp2_sp4"])
+def test_smeared_keys_stay_inside_their_document(smeared, tokens, mesh_name):
+    """A packed document's first key mixes in nothing of the document before it."""
+    _, cfg, params, _ = smeared
+    mesh, cfg = _mesh_and_cfg(mesh_name, cfg)
+    batch = _packed_batch(tokens)
+    packed = model.logits(cfg, params, tokens, mesh=mesh, segment_ids=batch["segment_ids"],
+                          positions=batch["positions"])
+    alone = model.logits(cfg, params, tokens[:, 40:])
+    assert rel_err(np.asarray(packed)[:, 40:], alone) < 1e-4
+
+
+@pytest.mark.parametrize("layout,n", [("contiguous", 1), ("contiguous", 4), ("striped", 4),
+                                      ("zigzag", 2), ("zigzag", 4)])
+def test_previous_token_is_the_natural_predecessor_in_its_document(layout, n):
+    s = 32
+    natural = np.arange(1, s + 1, dtype=np.float32)[None, :, None]  # token j holds j + 1
+    seg = (np.arange(s) >= 20).astype(np.int32)[None]
+    x, sg = (layouts.permute(a, layout, n, axis=1) for a in (natural, seg))
+    prev = model.previous_token(jnp.asarray(x), jnp.asarray(sg), layout, n)
+    got = layouts.unpermute(np.asarray(prev), layout, n, axis=1)[0, :, 0]
+    want = np.arange(s, dtype=np.float32)  # token j's predecessor holds j
+    want[20] = 0  # the second document's first token has none
+    np.testing.assert_array_equal(got, want)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -195,11 +245,13 @@ def test_params_are_born_sharded():
     assert params["embed"].dtype == jnp.float32
 
 
-def test_param_axes_mirror_params():
-    cfg = model.ModelConfig(tie_embeddings=True)
+@pytest.mark.parametrize("smear", [False, True])
+def test_param_axes_mirror_params(smear):
+    cfg = model.ModelConfig(tie_embeddings=True, smear_keys=smear)
     abstract = jax.eval_shape(model.init_params, cfg, jax.random.key(0))
     axes = model.param_logical_axes(cfg)
     assert "lm_head" not in abstract
+    assert ("smear" in abstract["layers"]) == smear
     jax.tree.map(lambda x, names: len(names) == x.ndim or pytest.fail(str(names)), abstract, axes,
                  is_leaf=lambda n: isinstance(n, tuple))
 

@@ -67,8 +67,8 @@ class CacheSpec:
 jax.tree_util.register_static(CacheSpec)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths", "step"],
-                   meta_fields=["spec"])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["k", "v", "lengths", "step", "prev_k"], meta_fields=["spec"])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     """k, v [layers, batch, slots, kv_heads, head_dim] (inside a decode loop: tuples of the
@@ -80,6 +80,10 @@ class KVCache:
     lengths: jax.Array
     step: jax.Array
     spec: CacheSpec
+    # Smeared keys only (model.smear_keys): each layer's key of every row's newest token,
+    # before smearing and RoPE, [layers, batch, kv_heads, head_dim] (a per-layer tuple inside
+    # a decode loop): the next token's key mixes it in. None otherwise.
+    prev_k: jax.Array | tuple | None = None
 
     @property
     def positions(self) -> jax.Array:
@@ -124,10 +128,10 @@ def cache_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     return NamedSharding(mesh, cache_spec_axes(mesh, shape))
 
 
-def from_prefill(k, v, lengths, spec: CacheSpec, mesh: Mesh | None) -> KVCache:
+def from_prefill(k, v, lengths, spec: CacheSpec, mesh: Mesh | None, prev_k=None) -> KVCache:
     """The cache from prefill's keys and values [layers, batch, prefill_len, kv, head_dim]
     (in layout order, sharded over sp): each device's block gets its decode slots appended
-    where it is, so nothing crosses devices."""
+    where it is, so nothing crosses devices. prev_k: see `KVCache`."""
     n_layers, b, s, g, d = k.shape
     per = spec.decode_len // spec.sp
 
@@ -138,7 +142,8 @@ def from_prefill(k, v, lengths, spec: CacheSpec, mesh: Mesh | None) -> KVCache:
         x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, per), (0, 0), (0, 0)))
         return sharding.constrain(x.reshape(n_layers, b, spec.length, g, d), CACHE_AXES, mesh)
 
-    return KVCache(grow(k), grow(v), lengths.astype(jnp.int32), jnp.zeros((), jnp.int32), spec)
+    return KVCache(grow(k), grow(v), lengths.astype(jnp.int32), jnp.zeros((), jnp.int32), spec,
+                   prev_k)
 
 
 def cache_bytes(cache: KVCache) -> int:

@@ -75,22 +75,31 @@ def place_params(cfg: model.ModelConfig, params: dict, mesh: Mesh) -> dict:
     return jax.tree.map(put, params, decode_shardings(cfg, params, mesh))
 
 
-def _qkv(cfg: model.ModelConfig, h, lp, cos, sin, use):
-    """Prefill's q [b, s, heads, hd], k, v [b, s, kv_heads, hd] with RoPE; `use` turns a
-    weight into an operand (gathered as training does)."""
+def _qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, use):
+    """Prefill's q [b, s, heads, hd], k, v [b, s, kv_heads, hd] with RoPE (keys smeared as in
+    training), and the keys before both; `use` turns a weight into an operand (gathered as
+    training does)."""
     q = jnp.einsum("bsd,dhk->bshk", h, use(lp["wq"], ("embed", "heads", "head_dim")))
-    k = jnp.einsum("bsd,dhk->bshk", h, use(lp["wk"], ("embed", "kv_heads", "head_dim")))
+    raw = jnp.einsum("bsd,dhk->bshk", h, use(lp["wk"], ("embed", "kv_heads", "head_dim")))
     v = jnp.einsum("bsd,dhk->bshk", h, use(lp["wv"], ("embed", "kv_heads", "head_dim")))
-    return model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin), v
+    k = raw
+    if cfg.smear_keys:  # one prompt per row, so no segments
+        prev = model.previous_token(raw, None, cfg.attention.layout, sharding.seq_shards(mesh))
+        k = model.smear_keys(raw, prev, use(lp["smear"], ("kv_heads",)))
+    return model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin), v, raw
 
 
 # ----------------------------------------------------------------------------- prefill
 
 
-def _prefill_layer(cfg: model.ModelConfig, mesh: Mesh, cos, sin, x, lp):
+def _prefill_layer(cfg: model.ModelConfig, mesh: Mesh, cos, sin, last, x, lp):
     dt = jnp.dtype(cfg.dtype)
     use = lambda w, names: model._use(w, names, dt, mesh)
-    q, k, v = _qkv(cfg, model.rms_norm(x, lp["attn_norm"], cfg.norm_eps), lp, cos, sin, use)
+    q, k, v, raw = _qkv(cfg, mesh, model.rms_norm(x, lp["attn_norm"], cfg.norm_eps), lp, cos,
+                        sin, use)
+    # The last prompt token's raw key, which the first decoded token's key mixes in.
+    prev_k = (jnp.take_along_axis(raw, last[:, None, None, None], axis=1)[:, 0]
+              if cfg.smear_keys else None)
     q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"), mesh)
     k = sharding.constrain(k, ("batch", "length", "kv_heads", "head_dim"), mesh)
     v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"), mesh)
@@ -100,7 +109,7 @@ def _prefill_layer(cfg: model.ModelConfig, mesh: Mesh, cos, sin, x, lp):
                             **attention_options(cfg))
     x = x + jnp.einsum("bshk,hkd->bsd", o, use(lp["wo"], ("heads", "head_dim", "embed")))
     x = sharding.constrain(x, model.ACT, mesh)
-    return sharding.constrain(model._mlp_block(cfg, mesh, x, lp), model.ACT, mesh), (k, v)
+    return sharding.constrain(model._mlp_block(cfg, mesh, x, lp), model.ACT, mesh), (k, v, prev_k)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "mesh"))
@@ -110,12 +119,12 @@ def prefill_jit(cfg, spec: CacheSpec, mesh, params, tokens, positions, lengths, 
     x = jnp.take(model._use(params["embed"], ("vocab", "embed"), dt, mesh), tokens, axis=0)
     x = sharding.constrain(x, model.ACT, mesh)
     cos, sin = model.rope_tables(cfg, positions)
-    layer = functools.partial(_prefill_layer, cfg, mesh, cos, sin)
-    x, (k, v) = lax.scan(layer, x, params["layers"])
+    layer = functools.partial(_prefill_layer, cfg, mesh, cos, sin, last)
+    x, (k, v, prev_k) = lax.scan(layer, x, params["layers"])
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [b, 1, d]: each row's last token
     h = model.rms_norm(x, params["final_norm"], cfg.norm_eps)[:, 0]
     logits = _lm_head(cfg, params, h, mesh)
-    return kv_cache.from_prefill(k, v, lengths, spec, mesh), logits
+    return kv_cache.from_prefill(k, v, lengths, spec, mesh, prev_k), logits
 
 
 def prefill_inputs(tokens, lengths, spec: CacheSpec, mesh: Mesh) -> tuple[jax.Array, ...]:
@@ -227,8 +236,9 @@ def merged_attention(q, k_new, v_new, ck, cv, step, lengths, *, spec: CacheSpec,
     return fn(q, k_new, v_new, ck, cv, step, lengths, index, is_decode)
 
 
-def _decode_qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin):
-    """q [b, heads, hd], k, v [b, kv_heads, hd], whole over sp, with RoPE. The projections
+def _decode_qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, prev_k):
+    """q [b, heads, hd], k, v [b, kv_heads, hd], whole over sp, with RoPE (k smeared with
+    prev_k, the raw key before it, with model.smear_keys), and the raw k. The projections
     use the weights as placed (head_dim over sp): each device computes its slice of every
     head, then one all-gather over sp (per tensor when tp > 1) makes them whole."""
     dt = jnp.dtype(cfg.dtype)
@@ -239,16 +249,21 @@ def _decode_qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin):
         q, k, v = jnp.split(qkv, [q.shape[1], q.shape[1] + k.shape[1]], axis=1)
     else:
         q, k, v = whole(q), whole(k), whole(v)
+    raw = k
+    if cfg.smear_keys:
+        k = model.smear_keys(raw, prev_k, lp["smear"])
     rope = lambda x: model.apply_rope(x[:, None], cos, sin)[:, 0]
-    return rope(q), rope(k), v
+    return rope(q), rope(k), v, raw
 
 
-def _decode_layer(cfg: model.ModelConfig, mesh: Mesh, cache: KVCache, cos, sin, x, lp, ck, cv):
+def _decode_layer(cfg: model.ModelConfig, mesh: Mesh, cache: KVCache, cos, sin, x, lp, ck, cv,
+                  pk):
     """One layer for one token per row: x [b, d] (whole on every device) and the layer's
-    cache -> (x, ck, cv). Weights stay split over tp x sp: no gathering per token."""
+    cache (pk: its `KVCache.prev_k`) -> (x, ck, cv, pk). Weights stay split over tp x sp: no
+    gathering per token."""
     dt = jnp.dtype(cfg.dtype)
-    q, k, v = _decode_qkv(cfg, mesh, model.rms_norm(x, lp["attn_norm"], cfg.norm_eps), lp, cos,
-                          sin)
+    q, k, v, raw = _decode_qkv(cfg, mesh, model.rms_norm(x, lp["attn_norm"], cfg.norm_eps), lp,
+                               cos, sin, pk)
     o, ck, cv = merged_attention(q, k, v, ck, cv, cache.step, cache.lengths, spec=cache.spec,
                                  mesh=mesh)
     o = _pin(o, ("batch", "heads", "head_dim"), mesh)  # each device's slice: no data moves
@@ -258,7 +273,7 @@ def _decode_layer(cfg: model.ModelConfig, mesh: Mesh, cache: KVCache, cos, sin, 
         jnp.einsum("bd,df->bf", h, lp["w_up"].astype(dt))
     a = _pin(a, ("batch", "mlp"), mesh)
     x = x + jnp.einsum("bf,fd->bd", a, lp["w_down"].astype(dt))
-    return _pin(x, ("batch", "embed"), mesh), ck, cv
+    return _pin(x, ("batch", "embed"), mesh), ck, cv, raw if cfg.smear_keys else None
 
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -292,7 +307,8 @@ def unstack_cache(cache: KVCache) -> KVCache:
     if isinstance(cache.k, tuple):
         return cache
     split = lambda x: tuple(x[i] for i in range(x.shape[0]))
-    return dataclasses.replace(cache, k=split(cache.k), v=split(cache.v))
+    prev_k = None if cache.prev_k is None else split(cache.prev_k)
+    return dataclasses.replace(cache, k=split(cache.k), v=split(cache.v), prev_k=prev_k)
 
 
 def decode_step(cfg: model.ModelConfig, params: dict, cache: KVCache, tokens, *,
@@ -311,11 +327,15 @@ def decode_step(cfg: model.ModelConfig, params: dict, cache: KVCache, tokens, *,
     cos, sin = model.rope_tables(cfg, cache.positions[:, None])  # [b, 1, hd]
     per_layer = unstack_cache(cache)
     ks, vs = list(per_layer.k), list(per_layer.v)
+    pks = list(per_layer.prev_k or (None,) * len(ks))
     for i, lp in enumerate(unstack_layers(params)["layers"]):  # unrolled
-        x, ks[i], vs[i] = _decode_layer(cfg, mesh, cache, cos, sin, x, lp, ks[i], vs[i])
+        x, ks[i], vs[i], pks[i] = _decode_layer(cfg, mesh, cache, cos, sin, x, lp, ks[i], vs[i],
+                                                pks[i])
     h = model.rms_norm(x, params["final_norm"], cfg.norm_eps)
     ks, vs = tuple(ks), tuple(vs)
+    pk = tuple(pks) if cfg.smear_keys else None
     if not isinstance(cache.k, tuple):
         ks, vs = jnp.stack(ks), jnp.stack(vs)
-    new = KVCache(ks, vs, cache.lengths, cache.step + 1, cache.spec)
+        pk = None if pk is None else jnp.stack(pk)
+    new = KVCache(ks, vs, cache.lengths, cache.step + 1, cache.spec, pk)
     return new, _lm_head(cfg, params, h, mesh)

@@ -91,8 +91,16 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+def check_exportable(cfg: ModelConfig) -> None:
+    """ConfigError for a model transformers' LLaMA cannot compute."""
+    if cfg.smear_keys:
+        raise ConfigError("a model with model.smear_keys has no Hugging Face LLaMA equivalent",
+                          "export a run trained without smeared keys")
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The `config.json` transformers needs to rebuild `cfg`'s architecture."""
+    check_exportable(cfg)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling == "linear":
         rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)

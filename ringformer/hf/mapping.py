@@ -28,8 +28,8 @@ from safetensors.numpy import save_file
 
 from ringformer.config import ModelConfig
 from ringformer.errors import CheckpointError
+from ringformer.hf.hf_config import check_exportable, config_to_hf, read_config
 from ringformer.hf.hf_config import config_from_hf as config_from_hf  # re-exported
-from ringformer.hf.hf_config import config_to_hf, read_config
 from ringformer.model import param_shapes
 
 INDEX = "model.safetensors.index.json"
@@ -182,6 +182,7 @@ def save_llama(cfg: ModelConfig, params: dict, out_dir: str) -> None:
     Tensors are written in `param_dtype`. Params may be sharded jax arrays; they are gathered
     to this host one at a time (single-process runs; multi-host export should gather first).
     """
+    check_exportable(cfg)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:  # a parent is a file, or not writable

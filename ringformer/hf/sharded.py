@@ -146,6 +146,7 @@ def save_sharded(cfg: ModelConfig, params: dict, out_dir: str) -> list[str]:
     """Write the HF directory from parameters sharded over all processes (every process calls
     this); returns the weight file names. Process 0 writes the index and config.json last,
     once every file is complete, so a directory with config.json is a finished export."""
+    hf.check_exportable(cfg)
     from jax.experimental import multihost_utils
 
     out = Path(out_dir)

@@ -1,11 +1,13 @@
 """Generation against transformers' greedy generate, and the merged decode step against dense
 float64 attention over the whole cache."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _llama_oracle import VOCAB, build
+from _llama_oracle import VOCAB, build, hf_logits, smear_hooks
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -69,6 +71,24 @@ def test_greedy_matches_transformers(oracles, prompts, variant, sp, tp, fsdp):
     got = Generator(cfg, params, mesh=_mesh(sp, tp, fsdp)).generate(prompts, max_new_tokens=T)
     for p, g in zip(prompts, got.tokens, strict=True):
         assert g.tolist() == _hf_greedy(ref, p)
+
+
+@pytest.mark.parametrize("sp,tp,fsdp", [(1, 1, 1), (4, 1, 1), (2, 2, 2)])
+def test_greedy_with_smeared_keys_matches_whole_sequence_forwards(oracles, prompts, sp, tp,
+                                                                  fsdp):
+    """The cache carries each layer's last raw key, so a decoded token's key is smeared as a
+    whole-sequence forward smears it (transformers with smearing hooks, no cache)."""
+    cfg, params, ref = oracles["gqa_llama3"]
+    w = np.random.default_rng(6).normal(0, 2, (cfg.n_layers, cfg.n_kv_heads)).astype(np.float32)
+    params = {**params, "layers": {**params["layers"], "smear": jnp.asarray(w)}}
+    cfg = dataclasses.replace(cfg, smear_keys=True)
+    got = Generator(cfg, params, mesh=_mesh(sp, tp, fsdp)).generate(prompts, max_new_tokens=T)
+    with smear_hooks(ref, w):
+        for p, g in zip(prompts, got.tokens, strict=True):
+            seq = list(p)
+            for _ in range(T):
+                seq.append(int(hf_logits(ref, np.array([seq]))[0, -1].argmax()))
+            assert g.tolist() == seq[len(p):]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

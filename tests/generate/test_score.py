@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from ringformer import model
 from ringformer.generate import Generator
@@ -9,9 +10,11 @@ from ringformer.generate.score import continuation_scores
 from ringformer.mesh import make_mesh
 
 
-def test_continuation_scores_match_full_logits():
+@pytest.mark.parametrize("smear", [False, True])
+def test_continuation_scores_match_full_logits(smear):
+    """With smeared keys too: the candidates' rows repeat the cache's last raw keys."""
     cfg = model.ModelConfig(vocab_size=259, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                            ffn_dim=64, dtype="float32", init_std=0.2,
+                            ffn_dim=64, dtype="float32", init_std=0.2, smear_keys=smear,
                             attention=model.AttentionConfig(layout="zigzag"))
     params = jax.device_get(model.init_params(cfg, jax.random.PRNGKey(1)))
     gen = Generator(cfg, params, mesh=make_mesh({"dp": 2, "fsdp": 1, "sp": 4, "tp": 1}))

@@ -130,6 +130,16 @@ def test_random_init_exports_and_matches(tmp_path, tokens):
     assert rel_err(model.logits(cfg, params, tokens), theirs) < 1e-4
 
 
+def test_smeared_keys_are_refused_before_anything_is_written(tmp_path):
+    """transformers' LLaMA has no smeared keys: an export would compute another model."""
+    cfg = model.ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                            ffn_dim=96, smear_keys=True, **RUN)
+    params = model.init_params(cfg, jax.random.key(0))
+    with pytest.raises(ConfigError, match="smear_keys"):
+        hf.save_llama(cfg, params, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def _write_config(path, **changes):
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(changes)
