@@ -45,14 +45,16 @@ def test_a_step_past_this_machine_is_refused_before_anything_is_built():
         limits.check_fits(config, memory=2**30)
 
 
-def test_param_count_matches_the_model():
+@pytest.mark.parametrize("smear", [False, True])
+def test_param_count_matches_the_model(smear):
     import jax
 
     from ringformer import model
     from ringformer.config import ModelConfig
 
     config = default_config()
-    config.model.update(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=259)
+    config.model.update(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=259,
+                        smear_keys=smear)
     cfg = ModelConfig.from_config(config)
     shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
     assert limits.param_count(config.model) == sum(x.size for x in jax.tree.leaves(shapes))
