@@ -10,7 +10,12 @@ only, so a handful of answer tokens is not drowned by thousands of predictable f
   the names to look up; the response states every asked code, so one example carries dozens
   of retrieval targets instead of one;
 - copy: random words and numbers, then the same text again: every response token is a
-  retrieval target, which is what makes the copying circuits form within minutes.
+  retrieval target, which is what makes the copying circuits form within minutes;
+- gap copy: a list of one-token words and numbers, a random stretch of filler, then the list
+  again. The list's distance from the question changes in every example, so only copying by
+  content scores (plain copies can be, and are, learnt by place); with smeared keys
+  (`model.smear_keys`) it forms, without them it did not (docs/long_context.md). It needs
+  the words (`one_token_words` of the tokenizer), so it is not among `TASKS`.
 
 Held-out prompts (`heldout_passkey`) are the evaluation's: `passkey.FILLER` and keys of the
 held-out share of the key space (`is_heldout_key`), so neither filler nor key was trained on.
@@ -23,6 +28,7 @@ training corpus and training examples only, and then sizes everything in its tok
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -163,6 +169,37 @@ def copy_example(rng: np.random.Generator, length: int) -> dict:
             "length": len(prompt) + len(text) + 3}
 
 
+GAP_COPY_INTRO = "Read this list, then write it again exactly.\n"
+GAP_COPY_QUESTION = "\nThe same list again:"
+
+
+def one_token_words(tok: Tokenizer, vocab_size: int) -> list[str]:
+    """Words the tokenizer writes as one token after a space, filler words excluded (a copy
+    must name one place in its prompt)."""
+    filler = {w for t in (NOUNS, ADJECTIVES, VERBS) for w in t}
+    words = []
+    for i in range(vocab_size):
+        s = tok.decode([i])
+        if len(s) > 2 and s[0] == " " and s[1:].isalpha() and s[1:].lower() not in filler \
+                and tok.encode(s) == [i]:
+            words.append(s[1:])
+    return sorted(set(words))
+
+
+def gap_copy_example(rng: np.random.Generator, length: int, *, words: Sequence[str]) -> dict:
+    """A supervised gap-copy example of at most `length` characters: 4-24 items (a 5-digit
+    number one time in five, else one of `words`), filler of a random share of the room
+    left, the question; the response is the list again."""
+    items = [draw_key(rng) if rng.uniform() < 0.2 else words[int(rng.integers(len(words)))]
+             for _ in range(int(rng.integers(4, 25)))]
+    text = " ".join(items)
+    fixed = len(GAP_COPY_INTRO) + 2 * len(text) + len(GAP_COPY_QUESTION) + 5
+    gap = "".join(sentences(rng, int(rng.uniform() * max(0, length - fixed))))
+    prompt = GAP_COPY_INTRO + text + ".\n" + gap + GAP_COPY_QUESTION
+    return {"prompt": prompt, "response": f" {text}.", "task": "gap_copy",
+            "length": len(prompt) + len(text) + 3}
+
+
 TASKS = {"passkey": passkey_example, "kv": kv_example, "copy": copy_example}
 # Shares of the examples: copying first forms the circuits; passkey is what is evaluated.
 DEFAULT_SHARES = {"passkey": 0.4, "kv": 0.2, "copy": 0.4}
@@ -175,20 +212,27 @@ REACH_SHARES = {"passkey": 0.5, "kv": 0.4, "copy": 0.1}
 def training_examples(n: int, *, min_tokens: int, max_tokens: int, seed: int,
                       shares: dict[str, float] | None = None,
                       chars_per_token: dict[str, float] | None = None,
-                      desc: str = "retrieval examples") -> list[dict]:
+                      desc: str = "retrieval examples",
+                      words: Sequence[str] | None = None) -> list[dict]:
     """`n` examples of the TASKS in proportion to `shares`, lengths log-uniform in
     [min_tokens, max_tokens] tokens, of `chars_per_token[task]` characters each (default 1,
-    bytes; a record's `length` counts characters); the same seed gives the same examples."""
+    bytes; a record's `length` counts characters); the same seed gives the same examples.
+    A "gap_copy" share needs `words` (`one_token_words`)."""
     cpt = chars_per_token or {}
     shares = shares or DEFAULT_SHARES
     names = sorted(shares)
+    tasks = dict(TASKS)
+    if "gap_copy" in shares:
+        if not words:
+            raise ValueError("gap copies need words: pass one_token_words(tokenizer, vocab)")
+        tasks["gap_copy"] = functools.partial(gap_copy_example, words=words)
     p = np.array([shares[k] for k in names], float)
     rng = np.random.default_rng(seed)
     out = []
     for _ in tqdm(range(n), desc=desc, unit="ex", leave=False):
         length = log_uniform(rng, min_tokens, max_tokens)
         task = names[int(rng.choice(len(names), p=p / p.sum()))]
-        out.append(TASKS[task](rng, max(1, round(length * cpt.get(task, 1.0)))))
+        out.append(tasks[task](rng, max(1, round(length * cpt.get(task, 1.0)))))
     return out
 
 

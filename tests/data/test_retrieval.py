@@ -50,3 +50,53 @@ def test_mixture_follows_its_shares_and_its_seed():
     assert a == retrieval.training_examples(400, **kw)
     share = {t: sum(r["task"] == t for r in a) / len(a) for t in retrieval.REACH_SHARES}
     assert all(abs(share[t] - w) < 0.08 for t, w in retrieval.REACH_SHARES.items()), share
+
+
+def _word_tokenizer():
+    """A tokenizer whose vocabulary is known: bytes, plus ' zebra' and ' house' (a filler
+    noun) as single tokens."""
+    from ringformer.data.tokenizer import ByteTokenizer
+
+    extra = {300: " zebra", 301: " house"}
+
+    class Words(ByteTokenizer):
+        def decode(self, ids):
+            return "".join(extra.get(int(i)) or ByteTokenizer.decode(self, [i]) for i in ids)
+
+        def encode(self, text):
+            for i, w in extra.items():
+                if text == w:
+                    return [i]
+            return ByteTokenizer.encode(self, text)
+
+    return Words()
+
+
+def test_one_token_words_are_single_tokens_and_never_filler():
+    words = retrieval.one_token_words(_word_tokenizer(), 302)
+    assert words == ["zebra"]  # " house" is one token but a filler noun; bytes are no words
+
+
+def test_gap_copy_answers_the_list_from_a_varying_distance():
+    rng = np.random.default_rng(4)
+    words = ["alpha", "bravo", "delta", "kilo", "oscar"]
+    gaps = set()
+    for _ in range(40):
+        ex = retrieval.gap_copy_example(rng, 1500, words=words)
+        listed = ex["prompt"].removeprefix(retrieval.GAP_COPY_INTRO).split(".\n")[0]
+        assert ex["response"] == f" {listed}." and ex["length"] <= 1500
+        items = listed.split(" ")
+        assert 4 <= len(items) <= 24
+        assert all(w in words or (w.isdigit() and len(w) == 5) for w in items)
+        assert ex["prompt"].endswith(retrieval.GAP_COPY_QUESTION)
+        gaps.add(len(ex["prompt"]) - len(retrieval.GAP_COPY_INTRO) - len(listed))
+    assert len(gaps) > 30  # the distance to the list is not a constant the model could learn
+
+
+def test_gap_copies_need_words():
+    with pytest.raises(ValueError, match="gap copies need words"):
+        retrieval.training_examples(3, min_tokens=32, max_tokens=64, seed=0,
+                                    shares={"gap_copy": 1.0})
+    ex = retrieval.training_examples(20, min_tokens=32, max_tokens=256, seed=0,
+                                     shares={"gap_copy": 0.5, "passkey": 0.5}, words=["zebra"])
+    assert {e["task"] for e in ex} == {"gap_copy", "passkey"}
