@@ -164,6 +164,23 @@ def test_loss_fn_matches_transformers_loss(llama, tokens, single_device_grads):
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("mesh_name", ["dp2_sp4", "fsdp2_sp2_tp2"])
+def test_smeared_keys_train_alike_on_every_mesh(smeared, tokens, mesh_name):
+    """The packed loss equals transformers' (with smearing hooks) per document, and a ring's
+    gradients, the smearing weights' included, equal one device's."""
+    ref, cfg, params, w = smeared
+    batch = _packed_batch(tokens)
+    loss, grads = _loss_and_grads(cfg, params, batch, None)
+    with smear_hooks(ref, w):
+        np.testing.assert_allclose(loss, _hf_document_loss(ref, tokens).item(), rtol=1e-5)
+    mesh, ring_cfg = _mesh_and_cfg(mesh_name, cfg)
+    ring_loss, ring_grads = _loss_and_grads(ring_cfg, params, batch, mesh)
+    np.testing.assert_allclose(ring_loss, loss, rtol=1e-5)
+    assert float(jnp.abs(grads["layers"]["smear"]).max()) > 0
+    for a, b in zip(jax.tree.leaves(ring_grads), jax.tree.leaves(grads), strict=True):
+        assert rel_err(a, b) < 1e-4
+
+
 def test_gradients_match_transformers(llama, tokens, single_device_grads, tmp_path):
     """Every parameter's gradient equals torch autograd's through transformers' LLaMA: an
     independent check of the hand-written backward passes (attention, RMSNorm)."""
