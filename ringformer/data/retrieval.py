@@ -174,8 +174,9 @@ GAP_COPY_QUESTION = "\nThe same list again:"
 
 
 def one_token_words(tok: Tokenizer, vocab_size: int) -> list[str]:
-    """Words the tokenizer writes as one token after a space, filler words excluded (a copy
-    must name one place in its prompt)."""
+    """Words of 2+ letters the tokenizer writes as one token after a space, the haystack's
+    nouns, adjectives and verbs excluded (an item to copy should name one place in its
+    prompt; the templates' few function words, "the", "is", remain)."""
     filler = {w for t in (NOUNS, ADJECTIVES, VERBS) for w in t}
     words = []
     for i in range(vocab_size):

@@ -85,7 +85,8 @@ def _qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, use):
     k = raw
     if cfg.smear_keys:  # one prompt per row, so no segments
         prev = model.previous_token(raw, None, cfg.attention.layout, sharding.seq_shards(mesh))
-        k = model.smear_keys(raw, prev, use(lp["smear"], ("kv_heads",)))
+        # In fp32 as training has it: a bf16-rounded weight would mix in another share.
+        k = model.smear_keys(raw, prev, model._use(lp["smear"], ("kv_heads",), F32, mesh))
     return model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin), v, raw
 
 
