@@ -230,6 +230,16 @@ def smear_keys(k, prev, weight):
     return (own * k.astype(F32) + (1 - own) * prev.astype(F32)).astype(k.dtype)
 
 
+def smear_sequence_keys(cfg: ModelConfig, mesh: Mesh | None, k, lp, segment_ids):
+    """A layer's keys [b, s, kv_heads, hd] in the attention layout, smeared when
+    `cfg.smear_keys` (else as they are): training's and prefill's one path. The weight is
+    used in fp32, so a bf16 model mixes in the same share as an fp32 one."""
+    if not cfg.smear_keys:
+        return k
+    prev = previous_token(k, segment_ids, cfg.attention.layout, sharding.seq_shards(mesh))
+    return smear_keys(k, prev, _use(lp["smear"], ("kv_heads",), F32, mesh))
+
+
 def _use(w, names: tuple[str, ...], dtype, mesh: Mesh | None):
     """A weight as a matmul operand: cast to the compute dtype and gathered over fsdp and sp.
 
@@ -284,9 +294,7 @@ def _attention(cfg: ModelConfig, mesh: Mesh | None, x, lp, cos, sin, segment_ids
     v = jnp.einsum("bsd,dhk->bshk", x, _use(lp["wv"], ("embed", "kv_heads", "head_dim"), dt, mesh))
     q, k, v = (checkpoint_name(x, n) for x, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
     a = cfg.attention
-    if cfg.smear_keys:
-        prev = previous_token(k, segment_ids, a.layout, sharding.seq_shards(mesh))
-        k = smear_keys(k, prev, _use(lp["smear"], ("kv_heads",), F32, mesh))
+    k = smear_sequence_keys(cfg, mesh, k, lp, segment_ids)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"), mesh)
     k = sharding.constrain(k, ("batch", "length", "kv_heads", "head_dim"), mesh)

@@ -82,11 +82,7 @@ def _qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, use):
     q = jnp.einsum("bsd,dhk->bshk", h, use(lp["wq"], ("embed", "heads", "head_dim")))
     raw = jnp.einsum("bsd,dhk->bshk", h, use(lp["wk"], ("embed", "kv_heads", "head_dim")))
     v = jnp.einsum("bsd,dhk->bshk", h, use(lp["wv"], ("embed", "kv_heads", "head_dim")))
-    k = raw
-    if cfg.smear_keys:  # one prompt per row, so no segments
-        prev = model.previous_token(raw, None, cfg.attention.layout, sharding.seq_shards(mesh))
-        # In fp32 as training has it: a bf16-rounded weight would mix in another share.
-        k = model.smear_keys(raw, prev, model._use(lp["smear"], ("kv_heads",), F32, mesh))
+    k = model.smear_sequence_keys(cfg, mesh, raw, lp, None)  # one prompt per row: no segments
     return model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin), v, raw
 
 
