@@ -188,11 +188,15 @@ def one_token_words(tok: Tokenizer, vocab_size: int) -> list[str]:
 
 
 def gap_copy_example(rng: np.random.Generator, length: int, *, words: Sequence[str]) -> dict:
-    """A supervised gap-copy example of at most `length` characters: 4-24 items (a 5-digit
-    number one time in five, else one of `words`), filler of a random share of the room
+    """A supervised gap-copy example of at most `length` characters: 4-24 items, all of them
+    `words` but one 5-digit number at a random place, filler of a random share of the room
     left, the question; the response is the list again."""
-    items = [draw_key(rng) if rng.uniform() < 0.2 else words[int(rng.integers(len(words)))]
-             for _ in range(int(rng.integers(4, 25)))]
+    # One number, as in a passkey: a digit then names one place in the list more often than
+    # not, so copying digit after digit pays from the first steps. With a number in every
+    # fifth item (three a list), a digit named several places and the copying of digits
+    # formed in one warm-up of three (docs/long_context.md).
+    items = [words[int(i)] for i in rng.integers(len(words), size=int(rng.integers(3, 24)))]
+    items.insert(int(rng.integers(len(items) + 1)), draw_key(rng))
     text = " ".join(items)
     fixed = len(GAP_COPY_INTRO) + 2 * len(text) + len(GAP_COPY_QUESTION) + 5
     gap = "".join(sentences(rng, int(rng.uniform() * max(0, length - fixed))))
@@ -208,6 +212,9 @@ DEFAULT_SHARES = {"passkey": 0.4, "kv": 0.2, "copy": 0.4}
 # response is half its length, so at 40% of 1-4K-token examples copies were 95% of the
 # answer tokens and passkeys under 1%.
 REACH_SHARES = {"passkey": 0.5, "kv": 0.4, "copy": 0.1}
+# The rung between the gap-copy warm-up and stage 1 (configs/longctx_rung.py): the retrieval
+# tasks join the copying that formed, at lengths up to 512 tokens.
+RUNG_SHARES = {"gap_copy": 0.3, "passkey": 0.4, "kv": 0.3}
 
 
 def training_examples(n: int, *, min_tokens: int, max_tokens: int, seed: int,
@@ -257,75 +264,96 @@ def heldout_passkey(lengths: Sequence[int], depths: Sequence[float], per_length:
 
 
 def _recipe_tokenizer(out: Path, vocab_size: int, corpus: Path | None, *, max_tokens: int,
-                      seed: int) -> tuple[Tokenizer, dict[str, float]]:
-    """The tokenizer the examples are sized in and its measured characters per token on
-    training examples of each task: bytes (1 each), or a BPE of `vocab_size` trained on the
-    `corpus` jsonl's texts and a sample of training examples (never held-out text), saved
-    as tokenizer.json. Per task, since random copy text packs 2-3x fewer characters into a
-    token than the filler sentences do."""
+                      seed: int) -> tuple[Tokenizer, dict[str, float], list[str]]:
+    """The tokenizer the examples are sized in, its measured characters per token on
+    training examples of each task, and its `one_token_words` for gap copies: bytes (1 each,
+    no words), or a BPE of `vocab_size` trained on the `corpus` jsonl's texts and a sample of
+    training examples (never held-out text), saved as tokenizer.json. Per task, since random
+    copy text packs 2-3x fewer characters into a token than the filler sentences do."""
     import json
 
     from ringformer.data.bpe import train_bpe
     from ringformer.data.tokenizer import load_tokenizer
 
     if not vocab_size:
-        return ByteTokenizer(), {}
+        return ByteTokenizer(), {}, []
     records = training_examples(2000, min_tokens=64, max_tokens=max_tokens, seed=seed + 3,
                                 desc="tokenizer sample")
-    sample = [r["prompt"] + r["response"] for r in records]
 
     def texts():
         if corpus is not None:
             with open(corpus, encoding="utf-8") as f:
                 yield from (json.loads(line)["text"] for line in f if line.strip())
-        yield from sample
+        yield from (r["prompt"] + r["response"] for r in records)
 
     tok = load_tokenizer(str(train_bpe(texts(), vocab_size, out / "tokenizer.json")))
+    words = one_token_words(tok, vocab_size)
+    # Gap copies are drawn from the tokenizer's own words, so they are measured after it.
+    if words:
+        records += training_examples(500, min_tokens=64, max_tokens=max_tokens, seed=seed + 5,
+                                     shares={"gap_copy": 1.0}, words=words,
+                                     desc="tokenizer sample")
+    sample = [r["prompt"] + r["response"] for r in records]
     chars, tokens = {}, {}
     for r, text, ids in zip(records, sample, tok.encode_batch(sample), strict=True):
         chars[r["task"]] = chars.get(r["task"], 0) + len(text)
         tokens[r["task"]] = tokens.get(r["task"], 0) + len(ids)
-    return tok, {t: chars[t] / tokens[t] for t in sorted(chars)}
+    return tok, {t: chars[t] / tokens[t] for t in sorted(chars)}, words
+
+
+def _examples(n: int, span: tuple[int, int], seed: int, desc: str, **kwargs) -> list[dict]:
+    return training_examples(n, min_tokens=span[0], max_tokens=span[1], seed=seed, desc=desc,
+                             **kwargs) if n else []
 
 
 def build_retrieval_files(out_dir: str | Path, *, examples: int, long_examples: int,
                           min_tokens: int, max_tokens: int, long_max_tokens: int,
                           heldout_lengths: Sequence[int], heldout_depths: Sequence[float],
                           heldout_per_length: int, seed: int, warmup_examples: int = 0,
-                          warmup_tokens: tuple[int, int] = (16, 128), vocab_size: int = 0,
+                          warmup_tokens: tuple[int, int] = (16, 128), gap_copy_examples: int = 0,
+                          gap_copy_tokens: tuple[int, int] = (32, 256), rung_examples: int = 0,
+                          rung_tokens: tuple[int, int] = (32, 512), vocab_size: int = 0,
                           corpus: str | Path | None = None, force: bool = False) -> dict:
-    """`out_dir/{train_warmup,train_short,train_long,heldout_passkey}.jsonl` (and with a
-    `vocab_size`, the BPE `tokenizer.json` they are sized in), rebuilt only when the
-    arguments or the corpus change. Warm-up examples span `warmup_tokens`, short ones
-    [min_tokens, max_tokens], long ones (max_tokens, long_max_tokens]."""
+    """`out_dir/{train_gap_copy,train_rung,train_warmup,train_short,train_long,
+    heldout_passkey}.jsonl` (and with a `vocab_size`, the BPE `tokenizer.json` they are sized
+    in), rebuilt only when the arguments or the corpus change. Gap copies span
+    `gap_copy_tokens`, rung examples (`RUNG_SHARES`) `rung_tokens`, warm-up examples
+    `warmup_tokens`, short ones [min_tokens, max_tokens], long ones (max_tokens,
+    long_max_tokens]. Gap copies need the BPE's words: ValueError without a `vocab_size`."""
     from ringformer.data.corpus import _signature, _up_to_date, _write_jsonl, _write_manifest
 
+    if (gap_copy_examples or rung_examples) and not vocab_size:
+        raise ValueError("gap copies are lists of one-token words: they need a BPE vocab_size")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = Path(corpus) if corpus is not None and vocab_size else None
-    args = [6, examples, long_examples, min_tokens, max_tokens, long_max_tokens,
+    args = [7, examples, long_examples, min_tokens, max_tokens, long_max_tokens,
             list(heldout_lengths), list(heldout_depths), heldout_per_length, seed,
-            warmup_examples, list(warmup_tokens), vocab_size,
+            warmup_examples, list(warmup_tokens), gap_copy_examples, list(gap_copy_tokens),
+            rung_examples, list(rung_tokens), vocab_size,
             hashlib.sha256(corpus.read_bytes()).hexdigest() if corpus else None]
-    names = ["train_warmup", "train_short", "train_long", "heldout_passkey"]
+    names = ["train_gap_copy", "train_rung", "train_warmup", "train_short", "train_long",
+             "heldout_passkey"]
     paths = {k: out / f"{k}.jsonl" for k in names}
     outputs = [*paths.values(), *([out / "tokenizer.json"] if vocab_size else [])]
     manifest = out / ".manifest.json"
     sig = _signature(args)
     if not force and (done := _up_to_date(manifest, sig, outputs)) is not None:
         return {**done, "skipped": True}
-    tok, cpt = _recipe_tokenizer(out, vocab_size, corpus, max_tokens=max_tokens, seed=seed)
+    tok, cpt, words = _recipe_tokenizer(out, vocab_size, corpus, max_tokens=max_tokens,
+                                        seed=seed)
+    long_span = (max_tokens + 1, long_max_tokens)
     records = {
-        "train_warmup": training_examples(warmup_examples, min_tokens=warmup_tokens[0],
-                                          max_tokens=warmup_tokens[1], seed=seed + 4,
-                                          chars_per_token=cpt, desc="warm-up examples"),
-        "train_short": training_examples(examples, min_tokens=min_tokens,
-                                         max_tokens=max_tokens, seed=seed,
-                                         shares=REACH_SHARES, chars_per_token=cpt),
-        "train_long": training_examples(long_examples, min_tokens=max_tokens + 1,
-                                        max_tokens=long_max_tokens, seed=seed + 1,
-                                        shares=REACH_SHARES, chars_per_token=cpt,
-                                        desc="long retrieval examples"),
+        "train_gap_copy": _examples(gap_copy_examples, gap_copy_tokens, seed + 6, "gap copies",
+                                    shares={"gap_copy": 1.0}, words=words, chars_per_token=cpt),
+        "train_rung": _examples(rung_examples, rung_tokens, seed + 7, "rung examples",
+                                shares=RUNG_SHARES, words=words, chars_per_token=cpt),
+        "train_warmup": _examples(warmup_examples, warmup_tokens, seed + 4, "warm-up examples",
+                                  chars_per_token=cpt),
+        "train_short": _examples(examples, (min_tokens, max_tokens), seed, "retrieval examples",
+                                 shares=REACH_SHARES, chars_per_token=cpt),
+        "train_long": _examples(long_examples, long_span, seed + 1, "long retrieval examples",
+                                shares=REACH_SHARES, chars_per_token=cpt),
         # Its own seed stream; draw_key keeps its keys out of the training share anyway.
         "heldout_passkey": heldout_passkey(heldout_lengths, heldout_depths,
                                            heldout_per_length, seed=seed + 2, tokenizer=tok)}

@@ -80,17 +80,21 @@ def test_one_token_words_are_single_tokens_and_never_filler():
 def test_gap_copy_answers_the_list_from_a_varying_distance():
     rng = np.random.default_rng(4)
     words = ["alpha", "bravo", "delta", "kilo", "oscar"]
-    gaps = set()
+    gaps, places = set(), set()
     for _ in range(40):
         ex = retrieval.gap_copy_example(rng, 1500, words=words)
         listed = ex["prompt"].removeprefix(retrieval.GAP_COPY_INTRO).split(".\n")[0]
         assert ex["response"] == f" {listed}." and ex["length"] <= 1500
         items = listed.split(" ")
         assert 4 <= len(items) <= 24
-        assert all(w in words or (w.isdigit() and len(w) == 5) for w in items)
+        # One number, as in a passkey, anywhere in the list; every other item a word.
+        assert sum(w.isdigit() and len(w) == 5 for w in items) == 1
+        assert sum(w in words for w in items) == len(items) - 1
+        places.add(next(i for i, w in enumerate(items) if w.isdigit()))
         assert ex["prompt"].endswith(retrieval.GAP_COPY_QUESTION)
         gaps.add(len(ex["prompt"]) - len(retrieval.GAP_COPY_INTRO) - len(listed))
     assert len(gaps) > 30  # the distance to the list is not a constant the model could learn
+    assert {0, 3} <= places and max(places) > 5
 
 
 def test_gap_copies_need_words():
@@ -100,3 +104,12 @@ def test_gap_copies_need_words():
     ex = retrieval.training_examples(20, min_tokens=32, max_tokens=256, seed=0,
                                      shares={"gap_copy": 0.5, "passkey": 0.5}, words=["zebra"])
     assert {e["task"] for e in ex} == {"gap_copy", "passkey"}
+
+
+def test_gap_copy_files_need_the_bpe(tmp_path):
+    with pytest.raises(ValueError, match="need a BPE"):
+        retrieval.build_retrieval_files(
+            tmp_path, examples=1, long_examples=0, min_tokens=256, max_tokens=300,
+            long_max_tokens=512, heldout_lengths=[512], heldout_depths=[0.0],
+            heldout_per_length=1, seed=0, rung_examples=1)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
