@@ -38,14 +38,17 @@ bench: $(STAMP)
 # flags to both evaluations (e.g. --batch 1); PASSKEY the held-out prompts' file.
 LONGCTX      := runs/longctx
 LONGCTX_DATA := --retrieval_examples 4000 --retrieval_long_examples 400 \
-                --retrieval_warmup_examples 100000
+                --retrieval_warmup_examples 100000 --retrieval_gap_copy_examples 40000 \
+                --retrieval_rung_examples 30000
 PASSKEY      := data/longctx/heldout_passkey.jsonl
 
 longctx: $(STAMP)
 	$(PY) scripts/prepare_data.py $(LONGCTX_DATA)
 	$(PY) scripts/train.py --config configs/longctx_warmup.py --workdir $(LONGCTX)/warmup
-	$(PY) scripts/train.py --config configs/longctx_stage1.py --workdir $(LONGCTX)/stage1 \
+	$(PY) scripts/train.py --config configs/longctx_rung.py --workdir $(LONGCTX)/rung \
 	    --config.train.init_from=$(LONGCTX)/warmup
+	$(PY) scripts/train.py --config configs/longctx_stage1.py --workdir $(LONGCTX)/stage1 \
+	    --config.train.init_from=$(LONGCTX)/rung
 	$(PY) scripts/train.py --config configs/longctx_stage2.py --workdir $(LONGCTX)/stage2 \
 	    --config.train.init_from=$(LONGCTX)/stage1
 	for s in stage1 stage2; do \

@@ -2,7 +2,8 @@
 
 Data as `scripts/prepare_data.py --retrieval_examples` writes it (a 300-token BPE trained
 here, as the recipe trains its 2048-token one), the warm-up from configs/longctx_warmup.py,
-stage 1 from configs/longctx_stage1.py (init_from the warm-up), stage 2 from
+the rung from configs/longctx_rung.py (init_from the warm-up), stage 1 from
+configs/longctx_stage1.py (init_from the rung), stage 2 from
 configs/longctx_stage2.py (init_from stage 1, theta raised, twice the context), the
 evaluation of both (perplexity with loss by position, passkey by greedy generation from the
 held-out prompts) and the side-by-side report: the same configs and code paths as the real
@@ -45,7 +46,8 @@ def _toy(config, data: Path, seq_len: int, sources: str):
 RETRIEVAL = dict(examples=24, long_examples=4, min_tokens=256, max_tokens=300,
                  long_max_tokens=512, heldout_lengths=[512], heldout_depths=[0.0, 1.0],
                  heldout_per_length=2, seed=0, warmup_examples=16, warmup_tokens=(64, 128),
-                 vocab_size=300)
+                 gap_copy_examples=16, gap_copy_tokens=(32, 128), rung_examples=16,
+                 rung_tokens=(64, 256), vocab_size=300)
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +82,14 @@ def test_retrieval_data_is_seeded_supervised_and_held_out(data, tmp_path):
                    env={**os.environ, "PYTHONHASHSEED": "12345"})
     done = build_retrieval_files(again, corpus=data / "stdlib" / "train.jsonl", **RETRIEVAL)
     assert done["skipped"]
-    for name in ("train_warmup.jsonl", "train_short.jsonl", "train_long.jsonl",
-                 "heldout_passkey.jsonl", "tokenizer.json"):
+    for name in ("train_gap_copy.jsonl", "train_rung.jsonl", "train_warmup.jsonl",
+                 "train_short.jsonl", "train_long.jsonl", "heldout_passkey.jsonl",
+                 "tokenizer.json"):
         assert (again / name).read_bytes() == (data / "longctx" / name).read_bytes()
     train = _read(again / "train_short.jsonl")
     assert {r["task"] for r in train} == {"passkey", "kv", "copy"}
+    assert {r["task"] for r in _read(again / "train_gap_copy.jsonl")} == {"gap_copy"}
+    assert {r["task"] for r in _read(again / "train_rung.jsonl")} == {"gap_copy", "passkey", "kv"}
     trained_keys = {r["key"] for r in train if r["task"] == "passkey"}
     held = _read(again / "heldout_passkey.jsonl")
     assert len(held) == 2 and all(is_heldout_key(r["key"]) for r in held)
@@ -105,7 +110,8 @@ def test_lengths_count_the_recipe_tokenizer(data):
     def tokens(r):
         return len(tok.encode(r["prompt"] + r["response"])) + 1  # + EOS
 
-    for name, (low, high) in (("train_warmup", (64, 128)), ("train_short", (256, 300)),
+    for name, (low, high) in (("train_gap_copy", (32, 128)), ("train_rung", (64, 256)),
+                              ("train_warmup", (64, 128)), ("train_short", (256, 300)),
                               ("train_long", (301, 512))):
         n = np.array([tokens(r) for r in _read(data / "longctx" / f"{name}.jsonl")])
         # Measured ratios are averages: a single example may miss its length by a fifth.
@@ -140,8 +146,8 @@ def test_greedy_generation_scores_exact_keys():
 
 
 def test_recipe_end_to_end(data, tmp_path):
-    """Warm-up -> stage 1 (init_from) -> stage 2 (init_from, theta up, longer rows) -> eval of
-    both -> report, on the recipe's own BPE."""
+    """Warm-up -> rung -> stage 1 (init_from each) -> stage 2 (init_from, theta up, longer
+    rows) -> eval of both -> report, on the recipe's own BPE, with smeared keys throughout."""
     from ringformer.eval.report import compare
     from ringformer.eval.tool import run
     from ringformer.train.loop import train_and_evaluate
@@ -149,17 +155,21 @@ def test_recipe_end_to_end(data, tmp_path):
     lc = data / "longctx"
     warm, short, long = lc / "train_warmup.jsonl", lc / "train_short.jsonl", lc / "train_long.jsonl"
     stdlib = data / "stdlib" / "train.jsonl"
-    s0, s1, s2 = tmp_path / "warmup", tmp_path / "stage1", tmp_path / "stage2"
+    s0, sr, s1, s2 = (tmp_path / n for n in ("warmup", "rung", "stage1", "stage2"))
     c0 = _config("longctx_warmup")
     assert c0.data.tokenizer == "data/longctx/tokenizer.json" and c0.model.vocab_size == 2048
-    c0 = _toy(c0, data, 128, f"{stdlib}:0.02,{warm}:0.98")
-    train_and_evaluate(c0, s0)
+    assert c0.data.sources == "data/longctx/train_gap_copy.jsonl" and c0.model.smear_keys
+    train_and_evaluate(_toy(c0, data, 128, str(lc / "train_gap_copy.jsonl")), s0)
+    cr = _toy(_config("longctx_rung"), data, 256, str(lc / "train_rung.jsonl"))
+    assert cr.train.init_from == "runs/longctx/warmup" and cr.model.smear_keys
+    cr.train.init_from = str(s0)
+    train_and_evaluate(cr, sr)
     c1 = _toy(_config("longctx_stage1"), data, 256, f"{stdlib}:0.04,{warm}:0.3,{short}:0.66")
-    assert c1.train.init_from == "runs/longctx/warmup" and c1.mesh.sp >= 4
-    c1.train.init_from = str(s0)
+    assert c1.train.init_from == "runs/longctx/rung" and c1.mesh.sp >= 4
+    c1.train.init_from = str(sr)
     train_and_evaluate(c1, s1)
     c2 = _toy(_config("longctx_stage2"), data, 512, f"{stdlib}:0.04:512:4,{short}:0.5,{long}:0.5")
-    assert c2.model.rope_theta > c1.model.rope_theta and c2.mesh.sp >= 4
+    assert c2.model.rope_theta > c1.model.rope_theta and c2.mesh.sp >= 4 and c2.model.smear_keys
     c2.train.init_from = str(s1)
     train_and_evaluate(c2, s2)
     rows = [json.loads(x) for x in (s2 / "metrics.jsonl").read_text().splitlines()]

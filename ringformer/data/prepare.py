@@ -46,6 +46,12 @@ def _retrieval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieval_warmup_examples", type=_at_least(0), default=0,
                         help="short examples for the warm-up phase, of "
                              "--retrieval_warmup_min_tokens to --retrieval_warmup_max_tokens")
+    parser.add_argument("--retrieval_gap_copy_examples", type=_at_least(0), default=0,
+                        help="gap copies of 32-256 tokens for the smeared-key warm-up "
+                             "(lists of one-token words and a number; needs the BPE)")
+    parser.add_argument("--retrieval_rung_examples", type=_at_least(0), default=0,
+                        help="gap copies, passkeys and key-value lookups of 32-512 tokens "
+                             "for the rung between the warm-up and stage 1")
     parser.add_argument("--retrieval_warmup_min_tokens", type=_at_least(16), default=16)
     parser.add_argument("--retrieval_warmup_max_tokens", type=_at_least(16), default=128)
     parser.add_argument("--retrieval_vocab", type=_at_least(0), default=2048,
@@ -77,6 +83,11 @@ def _check_retrieval(args: argparse.Namespace) -> None:
     if not args.retrieval_warmup_min_tokens <= args.retrieval_warmup_max_tokens:
         raise ConfigError("--retrieval_warmup_min_tokens is above --retrieval_warmup_max_tokens",
                           "e.g. --retrieval_warmup_min_tokens 16 --retrieval_warmup_max_tokens 128")
+    if (args.retrieval_gap_copy_examples or args.retrieval_rung_examples) \
+            and not args.retrieval_vocab:
+        raise ConfigError("gap copies are lists of one-token words of the recipe's BPE, and "
+                          "--retrieval_vocab 0 trains none",
+                          "use --retrieval_vocab 2048, or no gap-copy and rung examples")
     if 0 < args.retrieval_vocab < 260:
         raise ConfigError(f"--retrieval_vocab {args.retrieval_vocab} leaves no room for merges",
                           "use 0 (bytes) or 260 or more, e.g. 2048")
@@ -158,7 +169,8 @@ def build(args: argparse.Namespace) -> list[str]:
     if retrieval:
         cpt = ", ".join(f"{t} {c}" for t, c in retrieval["chars_per_token"].items())
         counts = ", ".join(f"{k} {retrieval[k]}" for k in (
-            "train_warmup", "train_short", "train_long", "heldout_passkey", "heldout_long"))
+            "train_gap_copy", "train_rung", "train_warmup", "train_short", "train_long",
+            "heldout_passkey", "heldout_long"))
         lines.append(f"retrieval data {'up to date' if retrieval['skipped'] else 'written'}: "
                      f"{retrieval['out']} (tokenizer {retrieval['tokenizer']}"
                      f"{f'; chars/token: {cpt}' if cpt else ''}; docs: {counts})")
@@ -178,6 +190,8 @@ def _build_retrieval(args: argparse.Namespace, out: Path) -> dict:
         heldout_per_length=args.heldout_per_length, seed=args.seed,
         warmup_examples=args.retrieval_warmup_examples,
         warmup_tokens=(args.retrieval_warmup_min_tokens, args.retrieval_warmup_max_tokens),
+        gap_copy_examples=args.retrieval_gap_copy_examples,
+        rung_examples=args.retrieval_rung_examples,
         vocab_size=args.retrieval_vocab, corpus=out / "stdlib" / "train.jsonl",
         force=args.force)
     # By their place, not the paths the manifest recorded: the data directory may have moved.

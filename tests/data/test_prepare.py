@@ -43,6 +43,8 @@ def test_dashed_spellings_still_work():
      "--heldout_lengths need values"),
     (["--retrieval_examples", "4", "--heldout_depths", "-0.5"], ConfigError,
      "--heldout_depths values in [0, 1]"),
+    (["--retrieval_examples", "4", "--retrieval_vocab", "0", "--retrieval_rung_examples", "9"],
+     ConfigError, "--retrieval_vocab 0 trains none"),
 ])
 def test_bad_options_are_refused_with_a_fix(argv, error, what):
     with pytest.raises(error) as e:
