@@ -158,6 +158,8 @@ def build(args: argparse.Namespace) -> list[str]:
         retrieval = _build_retrieval(args, out) if args.retrieval_examples else None
     except OSError as e:
         raise DataError(f"cannot write under {out}: {e}", "choose a writable --out") from None
+    except ConfigError:
+        raise  # already says what to change
     except ValueError as e:
         raise DataError(str(e), "use passkey lengths of a few hundred tokens or more"
                         ) from None

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ringformer.data.passkey import INTRO, NEEDLE, QUESTION, make_passkey_example
 from ringformer.data.tokenizer import ByteTokenizer, Tokenizer
+from ringformer.errors import ConfigError
 
 # Words of the training haystack. The evaluation's filler ("The grass is green. The sky is
 # blue. The sun is yellow. Here we go. There and back again.") uses none of its nouns or
@@ -342,6 +343,9 @@ def build_retrieval_files(out_dir: str | Path, *, examples: int, long_examples: 
         return {**done, "skipped": True}
     tok, cpt, words = _recipe_tokenizer(out, vocab_size, corpus, max_tokens=max_tokens,
                                         seed=seed)
+    if (gap_copy_examples or rung_examples) and not words:
+        raise ConfigError(f"the {vocab_size}-token BPE has no one-token words to make gap "
+                          "copies of", "train a larger one, e.g. --retrieval_vocab 2048")
     long_span = (max_tokens + 1, long_max_tokens)
     records = {
         "train_gap_copy": _examples(gap_copy_examples, gap_copy_tokens, seed + 6, "gap copies",

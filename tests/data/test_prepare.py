@@ -57,3 +57,14 @@ def test_numbers_below_the_floor_are_refused_by_the_parser(capsys):
         _args("--retrieval_min_tokens", "100")
     assert "must be at least 256, not 100" in capsys.readouterr().err
 
+
+
+def test_a_bpe_without_one_token_words_is_refused_with_a_fix(tmp_path):
+    """--retrieval_vocab 260 trains four merges: no whole word is one token, so no gap copy
+    can be made; the error says to train a larger BPE (not the generic data fix)."""
+    args = _args("--out", str(tmp_path), "--limit", "20", "--retrieval_examples", "2",
+                 "--retrieval_vocab", "260", "--retrieval_gap_copy_examples", "3")
+    prepare.check_options(args)
+    with pytest.raises(ConfigError, match="no one-token words") as e:
+        prepare.build(args)
+    assert "--retrieval_vocab 2048" in e.value.fix
