@@ -154,6 +154,11 @@ class ModelConfig(Section):
     # Each key mixes in its predecessor's (smeared keys, Olsson et al. 2022): a one-layer
     # path to copying by content (docs/long_context.md). Not a LLaMA: no HF export.
     smear_keys: bool = False
+    # How many tokens back a smeared key reaches. 1: one mixing weight per kv head. 2: every
+    # key channel mixes its own key and the two raw keys before it, and every query channel
+    # its own query and the one before it (weights per channel), so one head can match two
+    # tokens ("key is"), not just the last ("is"), which repeated filler shares.
+    smear_tokens: int = 1
     init_std: float = 0.02
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
@@ -298,6 +303,10 @@ def check_model(m) -> None:
               "loss_chunk"):
         _need(getattr(m, k) > 0, f"model.{k}={getattr(m, k)} must be positive", f"set --config.model.{k}")
     check_heads(m.n_heads, m.n_kv_heads)
+    _need(m.smear_tokens in (1, 2), f"model.smear_tokens={m.smear_tokens} is not 1 or 2",
+          "set --config.model.smear_tokens=1 (the predecessor) or 2 (two tokens back)")
+    _need(m.smear_tokens == 1 or m.smear_keys, f"model.smear_tokens={m.smear_tokens} without"
+          " model.smear_keys", "set --config.model.smear_keys=True, or smear_tokens=1")
     _need(m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}",
           "choose n_heads that divides dim")
     _need((m.dim // m.n_heads) % 2 == 0, f"head_dim={m.dim // m.n_heads} is odd",

@@ -59,7 +59,10 @@ def param_count(m) -> int:
     head_dim = m.dim // max(m.n_heads, 1)
     attn = 2 * m.dim * m.dim + 2 * m.dim * m.n_kv_heads * head_dim
     layer = attn + 3 * m.dim * m.ffn_dim + 2 * m.dim
-    layer += m.n_kv_heads if getattr(m, "smear_keys", False) else 0  # one mixing weight per kv head
+    if getattr(m, "smear_keys", False) and getattr(m, "smear_tokens", 1) == 1:
+        layer += m.n_kv_heads  # one mixing weight per kv head
+    elif getattr(m, "smear_keys", False):  # per-channel taps: keys 3, queries 2
+        layer += (m.n_kv_heads * 3 + m.n_heads * 2) * head_dim
     return m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) + m.n_layers * layer + m.dim
 
 

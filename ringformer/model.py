@@ -74,8 +74,11 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
         },
         "final_norm": ("norm",),
     }
-    if cfg.smear_keys:
+    if cfg.smear_keys and cfg.smear_tokens == 1:
         axes["layers"]["smear"] = ("layers", "kv_heads")
+    elif cfg.smear_keys:
+        axes["layers"]["key_taps"] = ("layers", "kv_heads", None, "head_dim")
+        axes["layers"]["query_taps"] = ("layers", "heads", None, "head_dim")
     if not cfg.tie_embeddings:
         axes["lm_head"] = ("embed", "vocab")
     return axes
@@ -93,8 +96,11 @@ def param_shapes(cfg: ModelConfig) -> dict:
         },
         "final_norm": (d,),
     }
-    if cfg.smear_keys:
+    if cfg.smear_keys and cfg.smear_tokens == 1:
         shapes["layers"]["smear"] = (L, g)
+    elif cfg.smear_keys:  # taps: own, then 1 and (keys) 2 tokens back
+        shapes["layers"]["key_taps"] = (L, g, cfg.smear_tokens + 1, k)
+        shapes["layers"]["query_taps"] = (L, h, cfg.smear_tokens, k)
     if not cfg.tie_embeddings:
         shapes["lm_head"] = (d, v)
     return shapes
@@ -117,7 +123,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
     for path, shape, key in zip(paths, flat, keys, strict=True):
         if "norm" in path:
             leaves.append(jnp.ones(shape, dtype))
-        elif "smear" in path:  # sigmoid(0): half own key, half the predecessor's
+        elif "smear" in path or "taps" in path:  # an even mix: sigmoid(0), softmax(0)
             leaves.append(jnp.zeros(shape, dtype))
         else:
             std = out_std if ("'wo'" in path or "'w_down'" in path) else cfg.init_std
@@ -230,14 +236,45 @@ def smear_keys(k, prev, weight):
     return (own * k.astype(F32) + (1 - own) * prev.astype(F32)).astype(k.dtype)
 
 
+def mix_taps(x, back, logits):
+    """x [..., n, hd] mixed per channel with the same tensor tokens back (`back`: a tuple,
+    nearest first, each like x): softmax over logits [n, taps, hd] of the taps (own, then
+    back). Different channels of one head can so carry different tokens."""
+    w = jax.nn.softmax(logits.astype(F32), axis=-2)
+    out = w[:, 0] * x.astype(F32)
+    for i, h in enumerate(back):
+        out = out + w[:, i + 1] * h.astype(F32)
+    return out.astype(x.dtype)
+
+
 def smear_sequence_keys(cfg: ModelConfig, mesh: Mesh | None, k, lp, segment_ids):
     """A layer's keys [b, s, kv_heads, hd] in the attention layout, smeared when
     `cfg.smear_keys` (else as they are): training's and prefill's one path. The weight is
     used in fp32, so a bf16 model mixes in the same share as an fp32 one."""
     if not cfg.smear_keys:
         return k
-    prev = previous_token(k, segment_ids, cfg.attention.layout, sharding.seq_shards(mesh))
-    return smear_keys(k, prev, _use(lp["smear"], ("kv_heads",), F32, mesh))
+    back = history(cfg, mesh, k, segment_ids, cfg.smear_tokens)
+    if cfg.smear_tokens == 1:
+        return smear_keys(k, back[0], _use(lp["smear"], ("kv_heads",), F32, mesh))
+    return mix_taps(k, back, _use(lp["key_taps"], ("kv_heads", None, "head_dim"), F32, mesh))
+
+
+def smear_sequence_queries(cfg: ModelConfig, mesh: Mesh | None, q, lp, segment_ids):
+    """A layer's queries [b, s, heads, hd] mixed with the one before them when keys reach two
+    tokens back (`cfg.smear_tokens` 2), so a query says both tokens a key matches."""
+    if not (cfg.smear_keys and cfg.smear_tokens > 1):
+        return q
+    back = history(cfg, mesh, q, segment_ids, cfg.smear_tokens - 1)
+    return mix_taps(q, back, _use(lp["query_taps"], ("heads", None, "head_dim"), F32, mesh))
+
+
+def history(cfg: ModelConfig, mesh: Mesh | None, x, segment_ids, n: int) -> tuple:
+    """x's predecessors 1..n tokens back in their document (zeros before its start)."""
+    out = []
+    for _ in range(n):
+        x = previous_token(x, segment_ids, cfg.attention.layout, sharding.seq_shards(mesh))
+        out.append(x)
+    return tuple(out)
 
 
 def _use(w, names: tuple[str, ...], dtype, mesh: Mesh | None):
@@ -295,6 +332,7 @@ def _attention(cfg: ModelConfig, mesh: Mesh | None, x, lp, cos, sin, segment_ids
     q, k, v = (checkpoint_name(x, n) for x, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
     a = cfg.attention
     k = smear_sequence_keys(cfg, mesh, k, lp, segment_ids)
+    q = smear_sequence_queries(cfg, mesh, q, lp, segment_ids)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"), mesh)
     k = sharding.constrain(k, ("batch", "length", "kv_heads", "head_dim"), mesh)

@@ -78,3 +78,37 @@ def smear_hooks(model, weights: np.ndarray):
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def tap_hooks(model, key_logits: np.ndarray, query_logits: np.ndarray):
+    """Two-token smearing (ringformer's model.smear_tokens=2) on a transformers LLaMA, written
+    independently: each layer's k_proj output, before RoPE, becomes per channel
+    sum_i softmax(key_logits)[i] * k_(t-i), i = 0, 1, 2, and its q_proj output
+    sum_i softmax(query_logits)[i] * q_(t-i), i = 0, 1 (zeros before the first token).
+    key_logits: [layers, kv_heads, 3, head_dim]; query_logits: [layers, heads, 2, head_dim].
+    For whole sequences only."""
+    import torch
+
+    def hook(logits):
+        w = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=1)  # [n, taps, hd]
+
+        def mix(_module, _inputs, x):
+            b, s, _ = x.shape
+            x4 = x.reshape(b, s, w.shape[0], -1)
+            out = torch.zeros_like(x4)
+            for i in range(w.shape[1]):
+                back = torch.nn.functional.pad(x4[:, :s - i], (0, 0, 0, 0, i, 0))
+                out = out + w[:, i] * back
+            return out.reshape(b, s, -1)
+        return mix
+
+    handles = []
+    for layer, kl, ql in zip(model.model.layers, key_logits, query_logits, strict=True):
+        handles.append(layer.self_attn.k_proj.register_forward_hook(hook(kl)))
+        handles.append(layer.self_attn.q_proj.register_forward_hook(hook(ql)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -69,6 +69,8 @@ def test_shared_rules_pass_what_fits():
     (dict(dim=24, n_heads=8), "head_dim=3 is odd"),
     (dict(rope_theta=0.0), "model.rope_theta=0.0 must be positive"),
     (dict(mlp_chunk=0), "model.mlp_chunk=0 must be positive"),
+    (dict(smear_keys=True, smear_tokens=3), "model.smear_tokens=3 is not 1 or 2"),
+    (dict(smear_tokens=2), "model.smear_tokens=2 without model.smear_keys"),
 ])
 def test_model_config_runs_the_config_checks(changes, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -45,8 +45,8 @@ def test_a_step_past_this_machine_is_refused_before_anything_is_built():
         limits.check_fits(config, memory=2**30)
 
 
-@pytest.mark.parametrize("smear", [False, True])
-def test_param_count_matches_the_model(smear):
+@pytest.mark.parametrize("smear,smear_tokens", [(False, 1), (True, 1), (True, 2)])
+def test_param_count_matches_the_model(smear, smear_tokens):
     import jax
 
     from ringformer import model
@@ -54,7 +54,7 @@ def test_param_count_matches_the_model(smear):
 
     config = default_config()
     config.model.update(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=259,
-                        smear_keys=smear)
+                        smear_keys=smear, smear_tokens=smear_tokens)
     cfg = ModelConfig.from_config(config)
     shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
     assert limits.param_count(config.model) == sum(x.size for x in jax.tree.leaves(shapes))

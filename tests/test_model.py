@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _llama_oracle import VOCAB, build, hf_logits, rel_err, smear_hooks
+from _llama_oracle import VOCAB, build, hf_logits, rel_err, smear_hooks, tap_hooks
 
 from ringformer import mesh as meshlib
 from ringformer import model, sharding
@@ -57,21 +57,31 @@ def test_logits_match_transformers_on_mesh(llama, tokens, mesh_name):
 # ----------------------------------------------------------------------------- smeared keys
 
 
-@pytest.fixture(scope="module")
-def smeared(llama):
-    """The oracle LLaMA with smeared keys: random mixing weights, far from the initial 0."""
+@pytest.fixture(scope="module", params=[1, 2], ids=["one_token", "two_tokens"])
+def smeared(llama, request):
+    """The oracle LLaMA with smeared keys (model.smear_tokens 1 or 2), random mixing weights
+    far from the initial even mix, and the hooks that smear transformers' model alike."""
     ref, cfg, params = llama
-    w = np.random.default_rng(5).normal(0, 2, (cfg.n_layers, cfg.n_kv_heads)).astype(np.float32)
-    params = {**params, "layers": {**params["layers"], "smear": jnp.asarray(w)}}
-    return ref, dataclasses.replace(cfg, smear_keys=True), params, w
+    rng = np.random.default_rng(5)
+    L, g, h, hd = cfg.n_layers, cfg.n_kv_heads, cfg.n_heads, cfg.head_dim
+    if request.param == 1:
+        w = rng.normal(0, 2, (L, g)).astype(np.float32)
+        extra, hooks = {"smear": w}, lambda: smear_hooks(ref, w)
+    else:
+        kl, ql = (rng.normal(0, 2, s).astype(np.float32) for s in [(L, g, 3, hd), (L, h, 2, hd)])
+        extra, hooks = {"key_taps": kl, "query_taps": ql}, lambda: tap_hooks(ref, kl, ql)
+    params = {**params, "layers": {**params["layers"],
+                                   **{k: jnp.asarray(v) for k, v in extra.items()}}}
+    cfg = dataclasses.replace(cfg, smear_keys=True, smear_tokens=request.param)
+    return ref, cfg, params, hooks
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_smeared_keys_match_transformers_with_smearing_hooks(smeared, tokens, mesh_name):
     """On every layout (zigzag and striped put a token's predecessor on another device)."""
-    ref, cfg, params, w = smeared
+    ref, cfg, params, hooks = smeared
     mesh, cfg = _mesh_and_cfg(mesh_name, cfg)
-    with smear_hooks(ref, w):
+    with hooks():
         want = hf_logits(ref, tokens)
     assert rel_err(want, hf_logits(ref, tokens)) > 1e-2  # smearing changes the model
     err = rel_err(model.logits(cfg, params, tokens, mesh=mesh), want)
@@ -168,15 +178,16 @@ def test_loss_fn_matches_transformers_loss(llama, tokens, single_device_grads):
 def test_smeared_keys_train_alike_on_every_mesh(smeared, tokens, mesh_name):
     """The packed loss equals transformers' (with smearing hooks) per document, and a ring's
     gradients, the smearing weights' included, equal one device's."""
-    ref, cfg, params, w = smeared
+    ref, cfg, params, hooks = smeared
     batch = _packed_batch(tokens)
     loss, grads = _loss_and_grads(cfg, params, batch, None)
-    with smear_hooks(ref, w):
+    with hooks():
         np.testing.assert_allclose(loss, _hf_document_loss(ref, tokens).item(), rtol=1e-5)
     mesh, ring_cfg = _mesh_and_cfg(mesh_name, cfg)
     ring_loss, ring_grads = _loss_and_grads(ring_cfg, params, batch, mesh)
     np.testing.assert_allclose(ring_loss, loss, rtol=1e-5)
-    assert float(jnp.abs(grads["layers"]["smear"]).max()) > 0
+    for name in {"smear", "key_taps", "query_taps"} & set(grads["layers"]):
+        assert float(jnp.abs(grads["layers"][name]).max()) > 0, name
     for a, b in zip(jax.tree.leaves(ring_grads), jax.tree.leaves(grads), strict=True):
         assert rel_err(a, b) < 1e-4
 
@@ -262,13 +273,14 @@ def test_params_are_born_sharded():
     assert params["embed"].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("smear", [False, True])
-def test_param_axes_mirror_params(smear):
-    cfg = model.ModelConfig(tie_embeddings=True, smear_keys=smear)
+@pytest.mark.parametrize("smear,tokens,names", [(False, 1, set()), (True, 1, {"smear"}),
+                                                 (True, 2, {"key_taps", "query_taps"})])
+def test_param_axes_mirror_params(smear, tokens, names):
+    cfg = model.ModelConfig(tie_embeddings=True, smear_keys=smear, smear_tokens=tokens)
     abstract = jax.eval_shape(model.init_params, cfg, jax.random.key(0))
     axes = model.param_logical_axes(cfg)
     assert "lm_head" not in abstract
-    assert ("smear" in abstract["layers"]) == smear
+    assert {"smear", "key_taps", "query_taps"} & set(abstract["layers"]) == names
     jax.tree.map(lambda x, names: len(names) == x.ndim or pytest.fail(str(names)), abstract, axes,
                  is_leaf=lambda n: isinstance(n, tuple))
 

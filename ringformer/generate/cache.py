@@ -68,7 +68,7 @@ jax.tree_util.register_static(CacheSpec)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "lengths", "step", "prev_k"], meta_fields=["spec"])
+                   data_fields=["k", "v", "lengths", "step", "prev_k", "prev_q"], meta_fields=["spec"])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     """k, v [layers, batch, slots, kv_heads, head_dim] (inside a decode loop: tuples of the
@@ -80,10 +80,14 @@ class KVCache:
     lengths: jax.Array
     step: jax.Array
     spec: CacheSpec
-    # Smeared keys only (model.smear_keys): each layer's key of every row's newest token,
-    # before smearing and RoPE, [layers, batch, kv_heads, head_dim] (a per-layer tuple inside
-    # a decode loop): the next token's key mixes it in. None otherwise.
+    # Smeared keys only (model.smear_keys): each layer's keys of every row's newest
+    # model.smear_tokens tokens, newest first, before smearing and RoPE, [layers, batch,
+    # smear_tokens, kv_heads, head_dim] (a per-layer tuple inside a decode loop): the next
+    # token's key mixes them in. None otherwise.
     prev_k: jax.Array | tuple | None = None
+    # Likewise the raw queries of the newest smear_tokens - 1 tokens [layers, batch, n, heads,
+    # head_dim], when queries are smeared too (smear_tokens 2). None otherwise.
+    prev_q: jax.Array | tuple | None = None
 
     @property
     def positions(self) -> jax.Array:
@@ -128,10 +132,11 @@ def cache_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     return NamedSharding(mesh, cache_spec_axes(mesh, shape))
 
 
-def from_prefill(k, v, lengths, spec: CacheSpec, mesh: Mesh | None, prev_k=None) -> KVCache:
+def from_prefill(k, v, lengths, spec: CacheSpec, mesh: Mesh | None, prev_k=None,
+                 prev_q=None) -> KVCache:
     """The cache from prefill's keys and values [layers, batch, prefill_len, kv, head_dim]
     (in layout order, sharded over sp): each device's block gets its decode slots appended
-    where it is, so nothing crosses devices. prev_k: see `KVCache`."""
+    where it is, so nothing crosses devices. prev_k, prev_q: see `KVCache`."""
     n_layers, b, s, g, d = k.shape
     per = spec.decode_len // spec.sp
 
@@ -143,7 +148,7 @@ def from_prefill(k, v, lengths, spec: CacheSpec, mesh: Mesh | None, prev_k=None)
         return sharding.constrain(x.reshape(n_layers, b, spec.length, g, d), CACHE_AXES, mesh)
 
     return KVCache(grow(k), grow(v), lengths.astype(jnp.int32), jnp.zeros((), jnp.int32), spec,
-                   prev_k)
+                   prev_k, prev_q)
 
 
 def cache_bytes(cache: KVCache) -> int:

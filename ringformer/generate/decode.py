@@ -76,14 +76,25 @@ def place_params(cfg: model.ModelConfig, params: dict, mesh: Mesh) -> dict:
 
 
 def _qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, use):
-    """Prefill's q [b, s, heads, hd], k, v [b, s, kv_heads, hd] with RoPE (keys smeared as in
-    training), and the keys before both; `use` turns a weight into an operand (gathered as
-    training does)."""
-    q = jnp.einsum("bsd,dhk->bshk", h, use(lp["wq"], ("embed", "heads", "head_dim")))
+    """Prefill's q [b, s, heads, hd], k, v [b, s, kv_heads, hd] with RoPE (smeared as in
+    training), and the keys and queries before both; `use` turns a weight into an operand
+    (gathered as training does)."""
+    raw_q = jnp.einsum("bsd,dhk->bshk", h, use(lp["wq"], ("embed", "heads", "head_dim")))
     raw = jnp.einsum("bsd,dhk->bshk", h, use(lp["wk"], ("embed", "kv_heads", "head_dim")))
     v = jnp.einsum("bsd,dhk->bshk", h, use(lp["wv"], ("embed", "kv_heads", "head_dim")))
     k = model.smear_sequence_keys(cfg, mesh, raw, lp, None)  # one prompt per row: no segments
-    return model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin), v, raw
+    q = model.smear_sequence_queries(cfg, mesh, raw_q, lp, None)
+    return model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin), v, raw, raw_q
+
+
+def _prompt_tail(cfg: model.ModelConfig, mesh: Mesh, x, last, n: int):
+    """x [b, s, ...]'s newest n tokens of every row's prompt (layout slot `last` [b] and the
+    n - 1 before it), [b, n, ...] newest first; None when n is 0."""
+    if n == 0:
+        return None
+    at = lambda y: jnp.take_along_axis(y, last.reshape((-1,) + (1,) * (y.ndim - 1)), axis=1)[:, 0]
+    back = model.history(cfg, mesh, x, None, n - 1)
+    return jnp.stack([at(x)] + [at(y) for y in back], axis=1)
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -92,11 +103,12 @@ def _qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, use):
 def _prefill_layer(cfg: model.ModelConfig, mesh: Mesh, cos, sin, last, x, lp):
     dt = jnp.dtype(cfg.dtype)
     use = lambda w, names: model._use(w, names, dt, mesh)
-    q, k, v, raw = _qkv(cfg, mesh, model.rms_norm(x, lp["attn_norm"], cfg.norm_eps), lp, cos,
-                        sin, use)
-    # The last prompt token's raw key, which the first decoded token's key mixes in.
-    prev_k = (jnp.take_along_axis(raw, last[:, None, None, None], axis=1)[:, 0]
-              if cfg.smear_keys else None)
+    q, k, v, raw, raw_q = _qkv(cfg, mesh, model.rms_norm(x, lp["attn_norm"], cfg.norm_eps), lp,
+                               cos, sin, use)
+    # The prompt's last raw keys (and queries), which the first decoded token's mix in.
+    smear = cfg.smear_tokens if cfg.smear_keys else 0
+    prev_k = _prompt_tail(cfg, mesh, raw, last, smear)
+    prev_q = _prompt_tail(cfg, mesh, raw_q, last, max(smear - 1, 0))
     q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"), mesh)
     k = sharding.constrain(k, ("batch", "length", "kv_heads", "head_dim"), mesh)
     v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"), mesh)
@@ -106,7 +118,7 @@ def _prefill_layer(cfg: model.ModelConfig, mesh: Mesh, cos, sin, last, x, lp):
                             **attention_options(cfg))
     x = x + jnp.einsum("bshk,hkd->bsd", o, use(lp["wo"], ("heads", "head_dim", "embed")))
     x = sharding.constrain(x, model.ACT, mesh)
-    return sharding.constrain(model._mlp_block(cfg, mesh, x, lp), model.ACT, mesh), (k, v, prev_k)
+    return sharding.constrain(model._mlp_block(cfg, mesh, x, lp), model.ACT, mesh), (k, v, prev_k, prev_q)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "mesh"))
@@ -117,11 +129,11 @@ def prefill_jit(cfg, spec: CacheSpec, mesh, params, tokens, positions, lengths, 
     x = sharding.constrain(x, model.ACT, mesh)
     cos, sin = model.rope_tables(cfg, positions)
     layer = functools.partial(_prefill_layer, cfg, mesh, cos, sin, last)
-    x, (k, v, prev_k) = lax.scan(layer, x, params["layers"])
+    x, (k, v, prev_k, prev_q) = lax.scan(layer, x, params["layers"])
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [b, 1, d]: each row's last token
     h = model.rms_norm(x, params["final_norm"], cfg.norm_eps)[:, 0]
     logits = _lm_head(cfg, params, h, mesh)
-    return kv_cache.from_prefill(k, v, lengths, spec, mesh, prev_k), logits
+    return kv_cache.from_prefill(k, v, lengths, spec, mesh, prev_k, prev_q), logits
 
 
 def prefill_inputs(tokens, lengths, spec: CacheSpec, mesh: Mesh) -> tuple[jax.Array, ...]:
@@ -233,9 +245,10 @@ def merged_attention(q, k_new, v_new, ck, cv, step, lengths, *, spec: CacheSpec,
     return fn(q, k_new, v_new, ck, cv, step, lengths, index, is_decode)
 
 
-def _decode_qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, prev_k):
-    """q [b, heads, hd], k, v [b, kv_heads, hd], whole over sp, with RoPE (k smeared with
-    prev_k, the raw key before it, with model.smear_keys), and the raw k. The projections
+def _decode_qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, pk, pq):
+    """q [b, heads, hd], k, v [b, kv_heads, hd], whole over sp, with RoPE (smeared with pk
+    and pq, `KVCache.prev_k` and prev_q, with model.smear_keys), and the histories with this
+    token's raw k and q put first. The projections
     use the weights as placed (head_dim over sp): each device computes its slice of every
     head, then one all-gather over sp (per tensor when tp > 1) makes them whole."""
     dt = jnp.dtype(cfg.dtype)
@@ -246,21 +259,26 @@ def _decode_qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, prev_k):
         q, k, v = jnp.split(qkv, [q.shape[1], q.shape[1] + k.shape[1]], axis=1)
     else:
         q, k, v = whole(q), whole(k), whole(v)
-    raw = k
-    if cfg.smear_keys:
-        k = model.smear_keys(raw, prev_k, lp["smear"])
     rope = lambda x: model.apply_rope(x[:, None], cos, sin)[:, 0]
-    return rope(q), rope(k), v, raw
+    if not cfg.smear_keys:
+        return rope(q), rope(k), v, None, None
+    back = lambda h: tuple(h[:, i] for i in range(h.shape[1]))
+    push = lambda h, x: jnp.concatenate([x[:, None], h[:, :-1]], axis=1)
+    if cfg.smear_tokens == 1:
+        return rope(q), rope(model.smear_keys(k, pk[:, 0], lp["smear"])), v, push(pk, k), None
+    sk = model.mix_taps(k, back(pk), lp["key_taps"])
+    sq = model.mix_taps(q, back(pq), lp["query_taps"])
+    return rope(sq), rope(sk), v, push(pk, k), push(pq, q)
 
 
 def _decode_layer(cfg: model.ModelConfig, mesh: Mesh, cache: KVCache, cos, sin, x, lp, ck, cv,
-                  pk):
+                  pk, pq):
     """One layer for one token per row: x [b, d] (whole on every device) and the layer's
-    cache (pk: its `KVCache.prev_k`) -> (x, ck, cv, pk). Weights stay split over tp x sp: no
-    gathering per token."""
+    cache (pk, pq: its `KVCache.prev_k`, prev_q) -> (x, ck, cv, pk, pq). Weights stay split
+    over tp x sp: no gathering per token."""
     dt = jnp.dtype(cfg.dtype)
-    q, k, v, raw = _decode_qkv(cfg, mesh, model.rms_norm(x, lp["attn_norm"], cfg.norm_eps), lp,
-                               cos, sin, pk)
+    q, k, v, pk, pq = _decode_qkv(cfg, mesh, model.rms_norm(x, lp["attn_norm"], cfg.norm_eps),
+                                  lp, cos, sin, pk, pq)
     o, ck, cv = merged_attention(q, k, v, ck, cv, cache.step, cache.lengths, spec=cache.spec,
                                  mesh=mesh)
     o = _pin(o, ("batch", "heads", "head_dim"), mesh)  # each device's slice: no data moves
@@ -270,7 +288,7 @@ def _decode_layer(cfg: model.ModelConfig, mesh: Mesh, cache: KVCache, cos, sin, 
         jnp.einsum("bd,df->bf", h, lp["w_up"].astype(dt))
     a = _pin(a, ("batch", "mlp"), mesh)
     x = x + jnp.einsum("bf,fd->bd", a, lp["w_down"].astype(dt))
-    return _pin(x, ("batch", "embed"), mesh), ck, cv, raw if cfg.smear_keys else None
+    return _pin(x, ("batch", "embed"), mesh), ck, cv, pk, pq
 
 
 MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -304,8 +322,9 @@ def unstack_cache(cache: KVCache) -> KVCache:
     if isinstance(cache.k, tuple):
         return cache
     split = lambda x: tuple(x[i] for i in range(x.shape[0]))
-    prev_k = None if cache.prev_k is None else split(cache.prev_k)
-    return dataclasses.replace(cache, k=split(cache.k), v=split(cache.v), prev_k=prev_k)
+    prev_k, prev_q = (None if x is None else split(x) for x in (cache.prev_k, cache.prev_q))
+    return dataclasses.replace(cache, k=split(cache.k), v=split(cache.v), prev_k=prev_k,
+                               prev_q=prev_q)
 
 
 def decode_step(cfg: model.ModelConfig, params: dict, cache: KVCache, tokens, *,
@@ -325,14 +344,13 @@ def decode_step(cfg: model.ModelConfig, params: dict, cache: KVCache, tokens, *,
     per_layer = unstack_cache(cache)
     ks, vs = list(per_layer.k), list(per_layer.v)
     pks = list(per_layer.prev_k or (None,) * len(ks))
+    pqs = list(per_layer.prev_q or (None,) * len(ks))
     for i, lp in enumerate(unstack_layers(params)["layers"]):  # unrolled
-        x, ks[i], vs[i], pks[i] = _decode_layer(cfg, mesh, cache, cos, sin, x, lp, ks[i], vs[i],
-                                                pks[i])
+        x, ks[i], vs[i], pks[i], pqs[i] = _decode_layer(cfg, mesh, cache, cos, sin, x, lp, ks[i],
+                                                        vs[i], pks[i], pqs[i])
     h = model.rms_norm(x, params["final_norm"], cfg.norm_eps)
-    ks, vs = tuple(ks), tuple(vs)
-    pk = tuple(pks) if cfg.smear_keys else None
-    if not isinstance(cache.k, tuple):
-        ks, vs = jnp.stack(ks), jnp.stack(vs)
-        pk = None if pk is None else jnp.stack(pk)
-    new = KVCache(ks, vs, cache.lengths, cache.step + 1, cache.spec, pk)
+    stacked = not isinstance(cache.k, tuple)
+    join = lambda xs: None if xs[0] is None else (jnp.stack(xs) if stacked else tuple(xs))
+    new = KVCache(join(ks), join(vs), cache.lengths, cache.step + 1, cache.spec, join(pks),
+                  join(pqs))
     return new, _lm_head(cfg, params, h, mesh)

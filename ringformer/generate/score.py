@@ -29,7 +29,8 @@ def teacher_forced(cfg, mesh, params, cache: KVCache, logits, answers):
     rep = b // cache.lengths.shape[0]
     grow = lambda x: jnp.repeat(x, rep, axis=1)
     cache = KVCache(grow(cache.k), grow(cache.v), jnp.repeat(cache.lengths, rep), cache.step,
-                    cache.spec, None if cache.prev_k is None else grow(cache.prev_k))
+                    cache.spec, *(None if x is None else grow(x) for x in (cache.prev_k,
+                                                                       cache.prev_q)))
     logits = jnp.repeat(logits, rep, axis=0)
     # Per-layer weights and cache, once: no layer's slice is copied out per token.
     params = decode.unstack_layers(params, jnp.dtype(cfg.dtype))

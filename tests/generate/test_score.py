@@ -10,11 +10,13 @@ from ringformer.generate.score import continuation_scores
 from ringformer.mesh import make_mesh
 
 
-@pytest.mark.parametrize("smear", [False, True])
-def test_continuation_scores_match_full_logits(smear):
-    """With smeared keys too: the candidates' rows repeat the cache's last raw keys."""
+@pytest.mark.parametrize("smear_tokens", [0, 1, 2])
+def test_continuation_scores_match_full_logits(smear_tokens):
+    """With smeared keys too (one and two tokens back): the candidates' rows repeat the
+    cache's last raw keys and queries."""
     cfg = model.ModelConfig(vocab_size=259, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                            ffn_dim=64, dtype="float32", init_std=0.2, smear_keys=smear,
+                            ffn_dim=64, dtype="float32", init_std=0.2,
+                            smear_keys=smear_tokens > 0, smear_tokens=max(smear_tokens, 1),
                             attention=model.AttentionConfig(layout="zigzag"))
     params = jax.device_get(model.init_params(cfg, jax.random.PRNGKey(1)))
     gen = Generator(cfg, params, mesh=make_mesh({"dp": 2, "fsdp": 1, "sp": 4, "tp": 1}))
