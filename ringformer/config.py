@@ -154,10 +154,8 @@ class ModelConfig(Section):
     # Each key mixes in its predecessor's (smeared keys, Olsson et al. 2022): a one-layer
     # path to copying by content (docs/long_context.md). Not a LLaMA: no HF export.
     smear_keys: bool = False
-    # How many tokens back a smeared key reaches. 1: one mixing weight per kv head. 2: every
-    # key channel mixes its own key and the two raw keys before it, and every query channel
-    # its own query and the one before it (weights per channel), so one head can match two
-    # tokens ("key is"), not just the last ("is"), which repeated filler shares.
+    # Tokens back a smeared key reaches. 1: a weight per kv head. 2: per channel, keys mix the
+    # two before them and queries the one before, so a head matches "key is", not any "is".
     smear_tokens: int = 1
     init_std: float = 0.02
     dtype: str = "bfloat16"
