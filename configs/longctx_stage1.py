@@ -17,7 +17,7 @@ key-value lookups, texts to copy; the loss only on the answers), some 16-128-tok
 still reads real text. Trained on whole documents, small models learn the filler and answer
 one fixed key (issue 23): the answers carry the loss here. The recipe's 2048-token BPE
 (data/longctx/tokenizer.json, digits one token each) makes each match 1-2 tokens long where
-bytes need 4-6. Four layers of four heads, keys smeared with their predecessors: enough for
+bytes need 4-6. Four layers of four heads, keys smeared with two predecessors: enough for
 copying by content, and small enough (dim 128) for hundreds of steps in minutes on two cores.
 Mesh fsdp=2 x sp=4: each 4096-token row on a ring of 4.
 """
@@ -65,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # it gap copies never formed copying by content in 800 steps; with it they did
     # (docs/long_context.md). The warm-up, the rung and stage 2 inherit it.
     c.model.smear_keys = True
+    # And two tokens back, queries one: the match is "key is", not "is". With one token, the
+    # held-out filler's hundreds of "is" outvoted the pass key's (0% greedy; measured in
+    # docs/long_context.md).
+    c.model.smear_tokens = 2
     c.model.dtype = "float32"  # bf16 matmuls are emulated, hence slow, on most CPUs
     c.model.remat = "none"
     c.model.mlp_chunk = 512

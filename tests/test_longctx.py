@@ -159,6 +159,7 @@ def test_recipe_end_to_end(data, tmp_path):
     c0 = _config("longctx_warmup")
     assert c0.data.tokenizer == "data/longctx/tokenizer.json" and c0.model.vocab_size == 2048
     assert c0.data.sources == "data/longctx/train_gap_copy.jsonl" and c0.model.smear_keys
+    assert c0.model.smear_tokens == 2
     train_and_evaluate(_toy(c0, data, 128, str(lc / "train_gap_copy.jsonl")), s0)
     cr = _toy(_config("longctx_rung"), data, 256, str(lc / "train_rung.jsonl"))
     assert cr.train.init_from == "runs/longctx/warmup" and cr.model.smear_keys
