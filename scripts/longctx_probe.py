@@ -3,8 +3,9 @@
     python scripts/longctx_probe.py --workdir runs/longctx/stage1 \
         --lengths 64,256,1024,4096 --out runs/longctx/probe_stage1.json
 
-Fresh training-format examples of each task (passkey, key-value, copy) at each length, fed
-with their answers; the argmax accuracy of first digits, later digits and other answer tokens
+Fresh training-format examples of each task (passkey, key-value, copy) and passkeys on the
+benchmark's held-out filler and keys (heldout_passkey) at each length, fed with their
+answers; the argmax accuracy of first digits, later digits and other answer tokens
 (ringformer/eval/retrieval_probe.py). Writes OUT.json, OUT.png (heatmap) and prints a table.
 """
 
@@ -25,14 +26,15 @@ def main() -> int:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="Training run (its newest checkpoint).")
     p.add_argument("--step", type=int, default=None, help="This checkpoint step instead.")
-    p.add_argument("--tasks", default="passkey,kv,copy", help="Retrieval tasks, comma-separated.")
+    p.add_argument("--tasks", default="passkey,kv,copy,heldout_passkey",
+                   help="Retrieval tasks, comma-separated.")
     p.add_argument("--lengths", default="64,256,1024,4096", help="Example lengths in tokens.")
     p.add_argument("--per_length", type=int, default=8, help="Examples per task and length.")
     p.add_argument("--mesh", default=None, help="dp=..,fsdp=..,sp=..,tp=.. (default: sp).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="Output JSON; the heatmap PNG goes beside it.")
     a = p.parse_args()
-    from ringformer.data.retrieval import TASKS
+    from ringformer.eval.retrieval_probe import TASKS
 
     tasks = [t for t in a.tasks.split(",") if t]
     if not tasks or set(tasks) - set(TASKS):

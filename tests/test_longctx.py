@@ -210,7 +210,7 @@ def _probe(workdir: Path) -> None:
     one = cfg.with_attention(impl="blockwise", layout="contiguous")
     plain = jnp.argmax(model.logits(one, params, ids[None]), -1)
     np.testing.assert_array_equal(argmax(ids), np.asarray(plain)[0])
-    r = probe.run_probe(argmax, load_tokenizer(spec), tasks=["passkey", "kv"],
+    r = probe.run_probe(argmax, load_tokenizer(spec), tasks=["passkey", "kv", "heldout_passkey"],
                         lengths=[64, 200], per_length=1, progress=False)
     assert all(total > 0 for _, total in r["counts"]["passkey"][probe.FIRST])
     assert all(0.0 <= a <= 1.0 for t in r["tasks"] for c in probe.CLASSES

@@ -19,6 +19,8 @@ only, so a handful of answer tokens is not drowned by thousands of predictable f
 
 Held-out prompts (`heldout_passkey`) are the evaluation's: `passkey.FILLER` and keys of the
 held-out share of the key space (`is_heldout_key`), so neither filler nor key was trained on.
+`heldout_passkey_example` makes one as a supervised example, for probes; it is no training
+task either.
 
 The generators count characters; `training_examples` turns token lengths into characters
 with a measured `chars_per_token` (1 for the byte tokenizer, whose ASCII bytes are tokens).
@@ -37,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ringformer.data.passkey import INTRO, NEEDLE, QUESTION, make_passkey_example
+from ringformer.data.passkey import INTRO, NEEDLE, QUESTION, bare_prompt_tokens, make_passkey_example
 from ringformer.data.tokenizer import ByteTokenizer, Tokenizer
 from ringformer.errors import ConfigError
 
@@ -262,6 +264,18 @@ def heldout_passkey(lengths: Sequence[int], depths: Sequence[float], per_length:
             out.append({"prompt": ex.text, "key": key, "answer": ex.answer, "length": int(n),
                         "depth": depth, "needle_char": ex.needle_char})
     return out
+
+
+def heldout_passkey_example(rng: np.random.Generator, length: int) -> dict:
+    """A held-out prompt (`heldout_passkey`'s filler and keys) as a supervised example of at
+    most `length` characters, or the bare prompt's if that is more, the needle at a uniformly
+    random depth: a probe's reading of the evaluation's own distribution."""
+    key = draw_key(rng, heldout=True)
+    response = f" {key}."
+    room = max(length - len(response) - 1, bare_prompt_tokens(key=key))
+    ex = make_passkey_example(room, float(rng.uniform()), key=key)  # bytes: one per character
+    return {"prompt": ex.text, "response": response, "task": "heldout_passkey", "key": key,
+            "depth": ex.depth, "length": len(ex.text) + len(response) + 1}
 
 
 def _recipe_tokenizer(out: Path, vocab_size: int, corpus: Path | None, *, max_tokens: int,

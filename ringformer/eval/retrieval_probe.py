@@ -13,8 +13,10 @@ the argmax at an answer position is the answer token, in three classes:
   and the same digit can sit anywhere in the context: this is copying (induction);
 - other: every other answer token (names copied from the question, words, punctuation).
 
-Chance for a digit is about 0.1. The probe is a reading for people, not a benchmark: the
-examples are the training distribution, not the held-out prompts `scripts/eval.py` scores.
+Chance for a digit is about 0.1. The probe is a reading for people, not a benchmark. Its
+tasks (`TASKS`) are the training ones and `heldout_passkey`: passkeys on the benchmark's own
+filler with held-out keys, as `scripts/eval.py` scores them, which shows when a model that
+retrieves in the training format fails on the benchmark's filler (docs/long_context.md).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ringformer.data.tokenizer import Tokenizer
 from ringformer.eval import plots
 
 FIRST, REST, OTHER = "first digit", "other digits", "other"
+TASKS = {**retrieval.TASKS, "heldout_passkey": retrieval.heldout_passkey_example}
 CLASSES = (FIRST, REST, OTHER)
 # ids [s] -> argmax [s] of the prediction at each position (of the token after it).
 ArgmaxFn = Callable[[np.ndarray], np.ndarray]
@@ -52,7 +55,7 @@ def sized_examples(task: str, tokenizer: Tokenizer, length: int, n: int,
                    rng: np.random.Generator) -> list[dict]:
     """`n` examples of `task` of about `length` tokens (answer and EOS included): the
     generators count characters, so characters per token are measured on a first few."""
-    make = retrieval.TASKS[task]
+    make = TASKS[task]
     trial = [make(rng, 4 * length) for _ in range(4)]
     chars = sum(len(r["prompt"]) + len(r["response"]) for r in trial)
     tokens = sum(len(tokenizer.encode(r["prompt"] + r["response"])) for r in trial)

@@ -44,6 +44,25 @@ def test_passkey_and_copy_answers_are_in_the_prompt():
         assert cp["response"] == f" {text}."
 
 
+def test_heldout_passkey_examples_are_the_benchmarks_prompts():
+    """The probe's held-out passkeys: the benchmark's filler (never training sentences) and
+    held-out keys, the needle once, the length kept; never among the training tasks."""
+    from ringformer.data import passkey
+
+    rng = np.random.default_rng(3)
+    depths = []
+    for n in (300, 1000, 5000):
+        ex = retrieval.heldout_passkey_example(rng, n)
+        assert ex["response"] == f" {ex['key']}." and retrieval.is_heldout_key(ex["key"])
+        assert ex["prompt"].count(f"The pass key is {ex['key']}.") == 1
+        body = ex["prompt"][len(passkey.INTRO):-len(passkey.QUESTION)]
+        body = body.replace(passkey.NEEDLE.format(key=ex["key"]), "")
+        assert body == passkey.FILLER * (len(body) // len(passkey.FILLER))
+        assert ex["length"] <= n or n == 300  # 300 is under the bare prompt: no filler
+        depths.append(ex["depth"])
+    assert len(set(depths)) == 3 and "heldout_passkey" not in retrieval.TASKS
+
+
 def test_mixture_follows_its_shares_and_its_seed():
     kw = dict(min_tokens=64, max_tokens=512, seed=3, shares=retrieval.REACH_SHARES)
     a = retrieval.training_examples(400, **kw)

@@ -23,8 +23,8 @@ def _oracle(ids):
 
 def test_oracle_scores_one_and_every_answer_token_is_counted():
     tok = ByteTokenizer()
-    r = probe.run_probe(_oracle, tok, tasks=["passkey", "kv", "copy"], lengths=[64, 300],
-                        per_length=3, seed=1, progress=False)
+    r = probe.run_probe(_oracle, tok, tasks=["passkey", "kv", "copy", "heldout_passkey"],
+                        lengths=[64, 300], per_length=3, seed=1, progress=False)
     for t in r["tasks"]:
         for c in probe.CLASSES:
             assert all(a == 1.0 for a in r["accuracy"][t][c] if a is not None), (t, c)
@@ -33,6 +33,7 @@ def test_oracle_scores_one_and_every_answer_token_is_counted():
     assert r["counts"]["passkey"][probe.FIRST] == [[3, 3], [3, 3]]
     assert r["counts"]["passkey"][probe.REST] == [[12, 12], [12, 12]]
     assert r["counts"]["passkey"][probe.OTHER] == [[6, 6], [6, 6]]
+    assert r["counts"]["heldout_passkey"] == r["counts"]["passkey"]  # the same answer shape
     table = probe.markdown(r)
     assert "| passkey | first digit | 1.00 | 1.00 |" in table
 
@@ -48,7 +49,7 @@ def test_repeating_the_current_token_is_right_only_on_repeated_digits():
 def test_examples_are_sized_in_tokens_and_seeded():
     tok = ByteTokenizer()
     rng = np.random.default_rng(0)
-    for task in ("passkey", "kv", "copy"):
+    for task in ("passkey", "kv", "copy", "heldout_passkey"):
         exs = probe.sized_examples(task, tok, 500, 4, rng)
         n = [len(tok.encode(e["prompt"] + e["response"])) + 1 for e in exs]
         assert all(350 <= x <= 500 for x in n), (task, n)
