@@ -248,9 +248,9 @@ def merged_attention(q, k_new, v_new, ck, cv, step, lengths, *, spec: CacheSpec,
 def _decode_qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, pk, pq):
     """q [b, heads, hd], k, v [b, kv_heads, hd], whole over sp, with RoPE (smeared with pk
     and pq, `KVCache.prev_k` and prev_q, with model.smear_keys), and the histories with this
-    token's raw k and q put first. The projections
-    use the weights as placed (head_dim over sp): each device computes its slice of every
-    head, then one all-gather over sp (per tensor when tp > 1) makes them whole."""
+    token's raw k and q put first. The projections use the weights as placed (head_dim over
+    sp): each device computes its slice of every head, then one all-gather over sp (per
+    tensor when tp > 1) makes them whole."""
     dt = jnp.dtype(cfg.dtype)
     q, k, v = (jnp.einsum("bd,dhk->bhk", h, lp[w].astype(dt)) for w in ("wq", "wk", "wv"))
     whole = lambda x: sharding.constrain(x, ("batch", "heads", None), mesh)  # tp stays
@@ -262,8 +262,8 @@ def _decode_qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, pk, pq):
     rope = lambda x: model.apply_rope(x[:, None], cos, sin)[:, 0]
     if not cfg.smear_keys:
         return rope(q), rope(k), v, None, None
-    back = lambda h: tuple(h[:, i] for i in range(h.shape[1]))
-    push = lambda h, x: jnp.concatenate([x[:, None], h[:, :-1]], axis=1)
+    back = lambda hist: tuple(hist[:, i] for i in range(hist.shape[1]))
+    push = lambda hist, x: jnp.concatenate([x[:, None], hist[:, :-1]], axis=1)
     if cfg.smear_tokens == 1:
         return rope(q), rope(model.smear_keys(k, pk[:, 0], lp["smear"])), v, push(pk, k), None
     sk = model.mix_taps(k, back(pk), lp["key_taps"])
