@@ -6,9 +6,10 @@ after the warm-up (configs/longctx_warmup.py, whose docstring has the data comma
 of the recipe: `make longctx` (docs/long_context.md). Starts from the warm-up
 (`train.init_from`), whose copying by content is there but has only ever copied lists, and
 trains on 1024-token rows of 32-512-token examples (data/longctx/train_rung.jsonl): gap
-copies 30%, passkeys 40%, key-value lookups 30% (`retrieval.RUNG_SHARES`). Short enough for
-the answers to be most of the loss, long enough that a key is hundreds of tokens back: stage
-1's 4K rows then only lengthen a reach that exists.
+copies 30%, passkeys 40% (half on nonsense filler), key-value lookups 30%
+(`retrieval.RUNG_SHARES`). Short enough for the answers to be most of the loss, long enough
+that a key is hundreds of tokens back: stage 1's 4K rows then only lengthen a reach that
+exists.
 """
 
 from pathlib import Path

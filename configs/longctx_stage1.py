@@ -11,11 +11,12 @@ or all of it, with stage 2 and the evaluation: `make longctx` (docs/long_context
 
 Starts from the rung (`train.init_from`: gap copies, where copying by content forms, then
 short retrieval examples) and teaches it to reach across 4K: supervised retrieval examples of
-256-4096 tokens (data/longctx/train_short.jsonl: passkeys at random depths, many-pair
-key-value lookups, texts to copy; the loss only on the answers), some 16-128-token examples
-(train_warmup.jsonl) so the short reach is kept, a little of the stdlib corpus so the model
-still reads real text. Trained on whole documents, small models learn the filler and answer
-one fixed key (issue 23): the answers carry the loss here. The recipe's 2048-token BPE
+256-4096 tokens (data/longctx/train_short.jsonl: passkeys at random depths, half of them
+on nonsense filler, many-pair key-value lookups, texts to copy; the loss only on the
+answers), some 16-128-token examples (train_warmup.jsonl) so the short reach is kept, a
+little of the stdlib corpus so the model still reads real text. Trained on whole documents,
+small models learn the filler and answer one fixed key (issue 23): the answers carry the
+loss here. The recipe's 2048-token BPE
 (data/longctx/tokenizer.json, digits one token each) makes each match 1-2 tokens long where
 bytes need 4-6. Four layers of four heads, keys smeared with two predecessors: enough for
 copying by content, and small enough (dim 128) for hundreds of steps in minutes on two cores.

@@ -1,11 +1,14 @@
 """Synthetic retrieval examples for the long-context recipe (configs/longctx_*.py).
 
-Three tasks, written as supervised examples (`prompt`, `response`): the loss is on the response
+Tasks written as supervised examples (`prompt`, `response`): the loss is on the response
 only, so a handful of answer tokens is not drowned by thousands of predictable filler tokens
 (trained on whole documents, small models answer the same key for every prompt):
 
 - passkey: the prompt of `ringformer.data.passkey` (its intro, needle and question), but the
   haystack is made of `sentences` (never `passkey.FILLER`) and the key is a training key;
+- passkey_noise: the same on `nonsense_sentences`, a repeated block of random words that
+  the BPE splits into rare pieces, so the model learns to look past thousands of keys it
+  has never seen (as the benchmark's filler is to it);
 - key-value lookup: many "The code of NAME is VALUE." records scattered through filler, then
   the names to look up; the response states every asked code, so one example carries dozens
   of retrieval targets instead of one;
@@ -33,13 +36,21 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ringformer.data.passkey import INTRO, NEEDLE, QUESTION, bare_prompt_tokens, make_passkey_example
+from ringformer.data.passkey import (
+    FILLER,
+    INTRO,
+    NEEDLE,
+    QUESTION,
+    bare_prompt_tokens,
+    make_passkey_example,
+)
 from ringformer.data.tokenizer import ByteTokenizer, Tokenizer
 from ringformer.errors import ConfigError
 
@@ -54,6 +65,9 @@ ADJECTIVES = ("red", "tall", "quiet", "cold", "old", "warm", "small", "dark", "b
 VERBS = ("sees", "follows", "finds", "moves", "holds", "watches", "passes", "covers")
 TEMPLATES = ("The {n} is {a}. ", "A {a} {n} {v} the {m}. ", "Every {n} {v} a {m}. ",
              "The {m} near the {n} is {a}. ")
+LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+# Nonsense filler never spells a word of the benchmark's prompt.
+BENCHMARK_WORDS = frozenset(re.findall(r"[a-z]+", (INTRO + FILLER + NEEDLE + QUESTION).lower()))
 KV_INTRO = "Below are secret codes hidden in a long text. Find them; you will be asked for some.\n"
 KV_RECORD = "The code of {name} is {value}. "
 KV_QUESTION = "\nWhat are the codes of {names}?\n"
@@ -95,26 +109,58 @@ def log_uniform(rng: np.random.Generator, low: int, high: int) -> int:
     return round(math.exp(rng.uniform(math.log(low), math.log(high))))
 
 
-def passkey_example(rng: np.random.Generator, length: int) -> dict:
+def _nonsense_word(rng: np.random.Generator) -> str:
+    while True:
+        word = "".join(LETTERS[rng.integers(len(LETTERS), size=int(rng.integers(3, 8)))])
+        if word not in BENCHMARK_WORDS:
+            return word
+
+
+def nonsense_sentences(rng: np.random.Generator, n_chars: int) -> list[str]:
+    """Filler shaped like the benchmark's and made of nothing the model reads elsewhere:
+    a block of 3-6 sentences of 2-5 random 3-7-letter words (the benchmark's own words
+    excluded), repeated, about n_chars characters in all (never more). The BPE splits such
+    words into its rare pieces, as it splits the benchmark's unseen nouns."""
+    block = [" ".join(_nonsense_word(rng) for _ in range(int(rng.integers(2, 6)))).capitalize()
+             + ". " for _ in range(int(rng.integers(3, 7)))]
+    out, total = [], 0
+    while True:
+        for s in block:
+            if total + len(s) > n_chars:
+                return out
+            out.append(s)
+            total += len(s)
+
+
+def passkey_example(rng: np.random.Generator, length: int, *,
+                    filler: Callable[[np.random.Generator, int], list[str]] = sentences,
+                    task: str = "passkey") -> dict:
     """A supervised passkey example of at most `length` tokens (EOS included), needle at a
-    uniformly random depth of training filler."""
+    uniformly random depth of `filler` (training sentences by default)."""
     key = draw_key(rng)
     needle = NEEDLE.format(key=key)
     response = f" {key}."
     room = length - len(INTRO) - len(needle) - len(QUESTION) - len(response) - 1
-    fill = sentences(rng, max(0, room))
+    fill = filler(rng, max(0, room))
     depth = float(rng.uniform())
     cut = round(depth * len(fill))
     prompt = INTRO + "".join(fill[:cut]) + needle + "".join(fill[cut:]) + QUESTION
-    return {"prompt": prompt, "response": response, "task": "passkey", "key": key,
+    return {"prompt": prompt, "response": response, "task": task, "key": key,
             "depth": cut / max(1, len(fill)), "length": len(prompt) + len(response) + 1}
 
 
+# Passkeys on nonsense filler: keys the model has never seen, by the thousand, around the
+# needle, as in the benchmark's prompts. With training filler alone greedy retrieval of
+# held-out prompts stopped at 2K; with half the passkeys on this it reached 4K
+# (docs/long_context.md).
+noise_passkey_example = functools.partial(passkey_example, filler=nonsense_sentences,
+                                          task="passkey_noise")
+
+
 def _names(rng: np.random.Generator, n: int) -> list[str]:
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     names: set[str] = set()
     while len(names) < n:
-        names.add("".join(rng.choice(letters, 4)))
+        names.add("".join(rng.choice(LETTERS, 4)))
     # Sorted before shuffling: a set's order follows the per-process string hash seed, so
     # shuffling it directly gave different examples from the same seed in each process.
     return [str(x) for x in rng.permutation(sorted(names))]
@@ -161,7 +207,7 @@ def copy_example(rng: np.random.Generator, length: int) -> dict:
     budget = max(8, (length - len(COPY_INTRO) - len(COPY_QUESTION) - 3) // 2)
     while True:
         w = (draw_key(rng) if rng.uniform() < 0.3 else
-             "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), int(rng.integers(2, 8)))))
+             "".join(rng.choice(LETTERS, int(rng.integers(2, 8)))))
         if total + len(w) + 1 > budget:
             break
         words.append(w)
@@ -208,16 +254,18 @@ def gap_copy_example(rng: np.random.Generator, length: int, *, words: Sequence[s
             "length": len(prompt) + len(text) + 3}
 
 
-TASKS = {"passkey": passkey_example, "kv": kv_example, "copy": copy_example}
+TASKS = {"passkey": passkey_example, "passkey_noise": noise_passkey_example, "kv": kv_example,
+         "copy": copy_example}
 # Shares of the examples: copying first forms the circuits; passkey is what is evaluated.
 DEFAULT_SHARES = {"passkey": 0.4, "kv": 0.2, "copy": 0.4}
 # Past the warm-up, shares that keep the retrieval answers from drowning: a copy example's
 # response is half its length, so at 40% of 1-4K-token examples copies were 95% of the
 # answer tokens and passkeys under 1%.
-REACH_SHARES = {"passkey": 0.5, "kv": 0.4, "copy": 0.1}
+# Half the passkeys are on nonsense filler.
+REACH_SHARES = {"passkey": 0.25, "passkey_noise": 0.25, "kv": 0.4, "copy": 0.1}
 # The rung between the gap-copy warm-up and stage 1 (configs/longctx_rung.py): the retrieval
 # tasks join the copying that formed, at lengths up to 512 tokens.
-RUNG_SHARES = {"gap_copy": 0.3, "passkey": 0.4, "kv": 0.3}
+RUNG_SHARES = {"gap_copy": 0.3, "passkey": 0.2, "passkey_noise": 0.2, "kv": 0.3}
 
 
 def training_examples(n: int, *, min_tokens: int, max_tokens: int, seed: int,
@@ -303,11 +351,15 @@ def _recipe_tokenizer(out: Path, vocab_size: int, corpus: Path | None, *, max_to
 
     tok = load_tokenizer(str(train_bpe(texts(), vocab_size, out / "tokenizer.json")))
     words = one_token_words(tok, vocab_size)
-    # Gap copies are drawn from the tokenizer's own words, so they are measured after it.
+    # Gap copies are drawn from the tokenizer's own words, so they are measured after it;
+    # so is nonsense filler, kept out of the BPE's sample so that its merges are those of
+    # real words (as the benchmark's filler meets them: split into rare pieces).
     if words:
         records += training_examples(500, min_tokens=64, max_tokens=max_tokens, seed=seed + 5,
                                      shares={"gap_copy": 1.0}, words=words,
                                      desc="tokenizer sample")
+    records += training_examples(300, min_tokens=64, max_tokens=max_tokens, seed=seed + 8,
+                                 shares={"passkey_noise": 1.0}, desc="tokenizer sample")
     sample = [r["prompt"] + r["response"] for r in records]
     chars, tokens = {}, {}
     for r, text, ids in zip(records, sample, tok.encode_batch(sample), strict=True):
@@ -342,7 +394,7 @@ def build_retrieval_files(out_dir: str | Path, *, examples: int, long_examples: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = Path(corpus) if corpus is not None and vocab_size else None
-    args = [7, examples, long_examples, min_tokens, max_tokens, long_max_tokens,
+    args = [8, examples, long_examples, min_tokens, max_tokens, long_max_tokens,
             list(heldout_lengths), list(heldout_depths), heldout_per_length, seed,
             warmup_examples, list(warmup_tokens), gap_copy_examples, list(gap_copy_tokens),
             rung_examples, list(rung_tokens), vocab_size,

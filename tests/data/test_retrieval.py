@@ -44,6 +44,34 @@ def test_passkey_and_copy_answers_are_in_the_prompt():
         assert cp["response"] == f" {text}."
 
 
+def test_noise_passkeys_hide_the_key_in_a_repeated_block_of_nonsense():
+    """Nonsense filler: the training passkey's intro, needle and question around a block of
+    3-6 sentences of random words repeated, none of them a word of the benchmark's prompt
+    or of the training sentences, a new block in every example; the answer is right."""
+    from ringformer.data import passkey
+
+    rng = np.random.default_rng(5)
+    real = retrieval.BENCHMARK_WORDS | {w for t in (retrieval.NOUNS, retrieval.ADJECTIVES,
+                                                   retrieval.VERBS) for w in t}
+    blocks = set()
+    for n in (400, 1000, 5000):
+        ex = retrieval.noise_passkey_example(rng, n)
+        assert ex["task"] == "passkey_noise" and ex["length"] <= n
+        assert ex["response"] == f" {ex['key']}." and not retrieval.is_heldout_key(ex["key"])
+        assert ex["prompt"].startswith(passkey.INTRO) and ex["prompt"].endswith(passkey.QUESTION)
+        needle = passkey.NEEDLE.format(key=ex["key"])
+        assert ex["prompt"].count(needle) == 1
+        body = ex["prompt"][len(passkey.INTRO):-len(passkey.QUESTION)].replace(needle, "")
+        said = body.split(". ")[:-1]
+        block = said[:said.index(said[0], 1)]  # the block ends where its first sentence recurs
+        assert 3 <= len(block) <= 6 and said == (block * n)[:len(said)]
+        words = " ".join(block).lower().split()
+        assert all(3 <= len(w) <= 7 and w.isalpha() for w in words)
+        assert not set(words) & real
+        blocks.add(tuple(block))
+    assert len(blocks) == 3
+
+
 def test_heldout_passkey_examples_are_the_benchmarks_prompts():
     """The probe's held-out passkeys: the benchmark's filler (never training sentences) and
     held-out keys, the needle once, the length kept; never among the training tasks."""
