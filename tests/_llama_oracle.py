@@ -112,3 +112,17 @@ def tap_hooks(model, key_logits: np.ndarray, query_logits: np.ndarray):
     finally:
         for h in handles:
             h.remove()
+
+
+def random_smearing(model, cfg, smear_tokens: int, seed: int):
+    """Mixing weights for ringformer's smeared keys (model.smear_tokens 1 or 2), random and
+    far from the initial even mix, as numpy arrays to add to its params' layers, and a
+    factory of the context manager that smears transformers' `model` alike. `cfg` is
+    ringformer's model config (its layer, head and head-dim counts)."""
+    rng = np.random.default_rng(seed)
+    L, g, h, hd = cfg.n_layers, cfg.n_kv_heads, cfg.n_heads, cfg.head_dim
+    if smear_tokens == 1:
+        w = rng.normal(0, 2, (L, g)).astype(np.float32)
+        return {"smear": w}, lambda: smear_hooks(model, w)
+    kl, ql = (rng.normal(0, 2, s).astype(np.float32) for s in [(L, g, 3, hd), (L, h, 2, hd)])
+    return {"key_taps": kl, "query_taps": ql}, lambda: tap_hooks(model, kl, ql)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _llama_oracle import VOCAB, build, hf_logits, rel_err, smear_hooks, tap_hooks
+from _llama_oracle import VOCAB, build, hf_logits, random_smearing, rel_err
 
 from ringformer import mesh as meshlib
 from ringformer import model, sharding
@@ -62,14 +62,7 @@ def smeared(llama, request):
     """The oracle LLaMA with smeared keys (model.smear_tokens 1 or 2), random mixing weights
     far from the initial even mix, and the hooks that smear transformers' model alike."""
     ref, cfg, params = llama
-    rng = np.random.default_rng(5)
-    L, g, h, hd = cfg.n_layers, cfg.n_kv_heads, cfg.n_heads, cfg.head_dim
-    if request.param == 1:
-        w = rng.normal(0, 2, (L, g)).astype(np.float32)
-        extra, hooks = {"smear": w}, lambda: smear_hooks(ref, w)
-    else:
-        kl, ql = (rng.normal(0, 2, s).astype(np.float32) for s in [(L, g, 3, hd), (L, h, 2, hd)])
-        extra, hooks = {"key_taps": kl, "query_taps": ql}, lambda: tap_hooks(ref, kl, ql)
+    extra, hooks = random_smearing(ref, cfg, request.param, seed=5)
     params = {**params, "layers": {**params["layers"],
                                    **{k: jnp.asarray(v) for k, v in extra.items()}}}
     cfg = dataclasses.replace(cfg, smear_keys=True, smear_tokens=request.param)

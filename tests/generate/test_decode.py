@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _llama_oracle import VOCAB, build, hf_logits, smear_hooks, tap_hooks
+from _llama_oracle import VOCAB, build, hf_logits, random_smearing
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -81,19 +81,12 @@ def test_greedy_with_smeared_keys_matches_whole_sequence_forwards(oracles, promp
     (and query) is smeared as a whole-sequence forward smears it (transformers with smearing
     hooks, no cache), one and two tokens back."""
     cfg, params, ref = oracles["gqa_llama3"]
-    rng = np.random.default_rng(6)
-    L, g, h, hd = cfg.n_layers, cfg.n_kv_heads, cfg.n_heads, cfg.head_dim
-    if smear_tokens == 1:
-        w = rng.normal(0, 2, (L, g)).astype(np.float32)
-        extra, hooks = {"smear": w}, smear_hooks(ref, w)
-    else:
-        kl, ql = (rng.normal(0, 2, s).astype(np.float32) for s in [(L, g, 3, hd), (L, h, 2, hd)])
-        extra, hooks = {"key_taps": kl, "query_taps": ql}, tap_hooks(ref, kl, ql)
+    extra, hooks = random_smearing(ref, cfg, smear_tokens, seed=6)
     params = {**params, "layers": {**params["layers"],
                                    **{k: jnp.asarray(v) for k, v in extra.items()}}}
     cfg = dataclasses.replace(cfg, smear_keys=True, smear_tokens=smear_tokens)
     got = Generator(cfg, params, mesh=_mesh(sp, tp, fsdp)).generate(prompts, max_new_tokens=T)
-    with hooks:
+    with hooks():
         for p, g in zip(prompts, got.tokens, strict=True):
             seq = list(p)
             for _ in range(T):
