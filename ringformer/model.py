@@ -205,6 +205,14 @@ def apply_rope(x, cos, sin):
     return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
+def predecessor_slots(layout: str, s: int, n_sp: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each slot of `s` tokens in `layout` order over `n_sp` shards: the slot of its
+    token's predecessor in natural order, and whether it has one (the first token has not;
+    its entry points at itself)."""
+    perm = layouts.permutation(layout, s, n_sp)
+    return np.argsort(perm)[np.maximum(perm - 1, 0)], perm > 0
+
+
 def previous_token(x, segment_ids, layout: str, n_sp: int):
     """For x [b, s, ...] in `layout` order over `n_sp` shards: each token's predecessor in its
     document (natural order), zeros for a document's first token.
@@ -214,14 +222,12 @@ def previous_token(x, segment_ids, layout: str, n_sp: int):
     neighbours), a gather where a layout's blocks meet.
     """
     s = x.shape[1]
-    perm = layouts.permutation(layout, s, n_sp)
-    src = np.argsort(perm)[np.maximum(perm - 1, 0)]
-    first = jnp.asarray(perm == 0)[None, :]
+    src, has = predecessor_slots(layout, s, n_sp)
     if np.array_equal(src[1:], np.arange(s - 1)):
         prev = jnp.pad(x[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))
     else:
         prev = jnp.take(x, jnp.asarray(src), axis=1)
-    keep = ~first
+    keep = jnp.asarray(has)[None, :]
     if segment_ids is not None:
         keep = keep & (segment_ids == jnp.take(segment_ids, jnp.asarray(src), axis=1))
     return prev * keep.reshape(keep.shape + (1,) * (x.ndim - 2)).astype(x.dtype)

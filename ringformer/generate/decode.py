@@ -89,12 +89,20 @@ def _qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, use):
 
 def _prompt_tail(cfg: model.ModelConfig, mesh: Mesh, x, last, n: int):
     """x [b, s, ...]'s newest n tokens of every row's prompt (layout slot `last` [b] and the
-    n - 1 before it), [b, n, ...] newest first; None when n is 0."""
+    n - 1 before it), [b, n, ...] newest first, zeros before a prompt's start; None when n
+    is 0. Slot by slot through the layout's predecessor table: n gathers of one token per
+    row, where shifting the whole prompt (`model.history`) would copy it n - 1 times."""
     if n == 0:
         return None
-    at = lambda y: jnp.take_along_axis(y, last.reshape((-1,) + (1,) * (y.ndim - 1)), axis=1)[:, 0]
-    back = model.history(cfg, mesh, x, None, n - 1)
-    return jnp.stack([at(x)] + [at(y) for y in back], axis=1)
+    src, has = (jnp.asarray(a) for a in model.predecessor_slots(
+        cfg.attention.layout, x.shape[1], sharding.seq_shards(mesh)))
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    out, slot, live = [], last, jnp.ones(last.shape, bool)
+    for _ in range(n):
+        y = jnp.take_along_axis(x, slot.reshape(shape), axis=1)[:, 0]
+        out.append(y * live.reshape(shape[:-1]).astype(x.dtype))
+        live, slot = live & has[slot], src[slot]
+    return jnp.stack(out, axis=1)
 
 
 # ----------------------------------------------------------------------------- prefill

@@ -79,7 +79,9 @@ def test_greedy_with_smeared_keys_matches_whole_sequence_forwards(oracles, promp
                                                                   smear_tokens, sp, tp, fsdp):
     """The cache carries each layer's last raw keys (and queries), so a decoded token's key
     (and query) is smeared as a whole-sequence forward smears it (transformers with smearing
-    hooks, no cache), one and two tokens back."""
+    hooks, no cache), one and two tokens back; prompts of one and two tokens too, whose
+    missing predecessors are zeros."""
+    prompts = [*prompts, [5], [7, 11]]
     cfg, params, ref = oracles["gqa_llama3"]
     extra, hooks = random_smearing(ref, cfg, smear_tokens, seed=6)
     params = {**params, "layers": {**params["layers"],
