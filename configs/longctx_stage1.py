@@ -16,10 +16,10 @@ on nonsense filler, many-pair key-value lookups, texts to copy; the loss only on
 answers), some 16-128-token examples (train_warmup.jsonl) so the short reach is kept, a
 little of the stdlib corpus so the model still reads real text. Trained on whole documents,
 small models learn the filler and answer one fixed key (issue 23): the answers carry the
-loss here. The recipe's 2048-token BPE
-(data/longctx/tokenizer.json, digits one token each) makes each match 1-2 tokens long where
-bytes need 4-6. Four layers of four heads, keys smeared with two predecessors: enough for
-copying by content, and small enough (dim 128) for hundreds of steps in minutes on two cores.
+loss here. The recipe's 2048-token BPE (data/longctx/tokenizer.json, digits one token each)
+makes each match 1-2 tokens long where bytes need 4-6. Four layers of four heads, keys
+smeared with two predecessors: enough for copying by content, and small enough (dim 128) for
+hundreds of steps in minutes on two cores.
 Mesh fsdp=2 x sp=4: each 4096-token row on a ring of 4.
 """
 
