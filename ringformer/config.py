@@ -157,6 +157,10 @@ class ModelConfig(Section):
     # Tokens back a smeared key reaches. 1: a weight per kv head. 2: per channel, keys mix the
     # two before them and queries the one before, so a head matches "key is", not any "is".
     smear_tokens: int = 1
+    # Queries at position p (from 0 in their document) scaled by max(1, ln(p + 1) / ln(base)),
+    # Qwen's log-n attention: past `base` tokens the logits sharpen as the keys they are
+    # spread over multiply, against attention diluted by length. 0: off. Not a LLaMA either.
+    logn_base: int = 0
     init_std: float = 0.02
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
@@ -311,6 +315,9 @@ def check_model(m) -> None:
           "rotary embeddings need an even head_dim")
     # Each is a divisor or a base in model.py: 0 or less gives inf/NaN, first seen as a
     # non-finite loss after the compile (and a negative factor runs, with nonsense positions).
+    _need(m.logn_base == 0 or m.logn_base >= 2, f"model.logn_base={m.logn_base} is not 0 or"
+          " at least 2", "set --config.model.logn_base=0 (off) or the context trained at,"
+          " e.g. 4096")
     _need(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive",
           "set --config.model.rope_theta, e.g. 10000.0")
     _need(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -190,11 +190,32 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def rope_tables(cfg: ModelConfig, positions):
-    """cos, sin [b, s, head_dim] in fp32 for integer positions [b, s] (rotate-half layout)."""
+class Rope(NamedTuple):
+    """RoPE tables [b, s, head_dim] in fp32: the keys' cos and sin, and the queries', which
+    also carry `logn_scale` (the same arrays when it is off: RoPE is linear per position)."""
+
+    cos: jax.Array
+    sin: jax.Array
+    q_cos: jax.Array
+    q_sin: jax.Array
+
+
+def logn_scale(cfg: ModelConfig, positions):
+    """max(1, ln(p + 1) / ln(logn_base)) [b, s] (fp32) for positions [b, s]: a query at p
+    attends over p + 1 keys, and the margin a match needs over them grows as their log."""
+    n = positions.astype(F32) + 1.0
+    return jnp.maximum(1.0, jnp.log(n) / np.log(cfg.logn_base))
+
+
+def rope_tables(cfg: ModelConfig, positions) -> Rope:
+    """The RoPE tables for integer positions [b, s] (rotate-half layout)."""
     angles = positions.astype(F32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
     angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if not cfg.logn_base:
+        return Rope(cos, sin, cos, sin)
+    scale = logn_scale(cfg, positions)[..., None]
+    return Rope(cos, sin, cos * scale, sin * scale)
 
 
 def apply_rope(x, cos, sin):
@@ -330,7 +351,7 @@ def _mlp_block(cfg: ModelConfig, mesh: Mesh | None, x, lp):
     return lax.fori_loop(0, n, body, xr).reshape(b, s, d)
 
 
-def _attention(cfg: ModelConfig, mesh: Mesh | None, x, lp, cos, sin, segment_ids):
+def _attention(cfg: ModelConfig, mesh: Mesh | None, x, lp, rope: Rope, segment_ids):
     dt = jnp.dtype(cfg.dtype)
     q = jnp.einsum("bsd,dhk->bshk", x, _use(lp["wq"], ("embed", "heads", "head_dim"), dt, mesh))
     k = jnp.einsum("bsd,dhk->bshk", x, _use(lp["wk"], ("embed", "kv_heads", "head_dim"), dt, mesh))
@@ -339,7 +360,7 @@ def _attention(cfg: ModelConfig, mesh: Mesh | None, x, lp, cos, sin, segment_ids
     a = cfg.attention
     k = smear_sequence_keys(cfg, mesh, k, lp, segment_ids)
     q = smear_sequence_queries(cfg, mesh, q, lp, segment_ids)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, rope.q_cos, rope.q_sin), apply_rope(k, rope.cos, rope.sin)
     q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"), mesh)
     k = sharding.constrain(k, ("batch", "length", "kv_heads", "head_dim"), mesh)
     v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"), mesh)
@@ -402,13 +423,12 @@ def hidden_states(cfg: ModelConfig, params: dict, tokens, *, positions, segment_
     dt = jnp.dtype(cfg.dtype)
     x = jnp.take(_use(params["embed"], ("vocab", "embed"), dt, mesh), tokens, axis=0)
     x = sharding.constrain(x, ACT, mesh)
-    cos, sin = rope_tables(cfg, positions)
-    cos = sharding.constrain(cos, ("batch", "length", "head_dim"), mesh)
-    sin = sharding.constrain(sin, ("batch", "length", "head_dim"), mesh)
+    rope = Rope(*(sharding.constrain(t, ("batch", "length", "head_dim"), mesh)
+                  for t in rope_tables(cfg, positions)))
 
     def layer(x, lp):
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-        x = sharding.constrain(x + _attention(cfg, mesh, h, lp, cos, sin, segment_ids), ACT, mesh)
+        x = sharding.constrain(x + _attention(cfg, mesh, h, lp, rope, segment_ids), ACT, mesh)
         x = sharding.constrain(_mlp_block(cfg, mesh, x, lp), ACT, mesh)
         return x, None
 

@@ -114,6 +114,30 @@ def tap_hooks(model, key_logits: np.ndarray, query_logits: np.ndarray):
             h.remove()
 
 
+@contextlib.contextmanager
+def logn_hooks(model, base: int):
+    """Log-n queries (ringformer's model.logn_base) on a transformers LLaMA, written
+    independently: each layer's q_proj output at token t becomes max(1, log_base(t + 1))
+    times itself; before RoPE, which is linear, so the same as after. Whole sequences from
+    position 0 only (no KV cache, no position_ids)."""
+    import math
+
+    import torch
+
+    def scale(_module, _inputs, q):
+        t = torch.arange(1, q.shape[1] + 1, dtype=torch.float64)
+        s = torch.clamp(torch.log(t) / math.log(base), min=1.0).to(q.dtype)
+        return q * s[None, :, None]
+
+    handles = [layer.self_attn.q_proj.register_forward_hook(scale)
+               for layer in model.model.layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def random_smearing(model, cfg, smear_tokens: int, seed: int):
     """Mixing weights for ringformer's smeared keys (model.smear_tokens 1 or 2), random and
     far from the initial even mix, as numpy arrays to add to its params' layers, and a

@@ -71,6 +71,8 @@ def test_shared_rules_pass_what_fits():
     (dict(mlp_chunk=0), "model.mlp_chunk=0 must be positive"),
     (dict(smear_keys=True, smear_tokens=3), "model.smear_tokens=3 is not 1 or 2"),
     (dict(smear_tokens=2), "model.smear_tokens=2 without model.smear_keys"),
+    (dict(logn_base=1), "model.logn_base=1 is not 0 or at least 2"),
+    (dict(logn_base=-4096), "model.logn_base=-4096 is not 0 or at least 2"),
 ])
 def test_model_config_runs_the_config_checks(changes, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _llama_oracle import VOCAB, build, hf_logits, random_smearing, rel_err
+from _llama_oracle import VOCAB, build, hf_logits, logn_hooks, random_smearing, rel_err
 
 from ringformer import mesh as meshlib
 from ringformer import model, sharding
@@ -79,6 +79,30 @@ def test_smeared_keys_match_transformers_with_smearing_hooks(smeared, tokens, me
     assert rel_err(want, hf_logits(ref, tokens)) > 1e-2  # smearing changes the model
     err = rel_err(model.logits(cfg, params, tokens, mesh=mesh), want)
     assert err < 1e-4, err
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_logn_queries_match_transformers_with_scaling_hooks(llama, tokens, mesh_name):
+    """Each query scaled by its own position's log, on every layout (zigzag and striped
+    put late positions on every device)."""
+    ref, cfg, params = llama
+    mesh, cfg = _mesh_and_cfg(mesh_name, dataclasses.replace(cfg, logn_base=8))
+    with logn_hooks(ref, 8):
+        want = hf_logits(ref, tokens)
+    assert rel_err(want, hf_logits(ref, tokens)) > 1e-3  # 10x the tolerance below
+    err = rel_err(model.logits(cfg, params, tokens, mesh=mesh), want)
+    assert err < 1e-4, err
+
+
+def test_logn_scale_counts_positions_in_its_document(llama, tokens):
+    """A packed document's queries are scaled by their positions in it, not in the row."""
+    _, cfg, params = llama
+    mesh, cfg = _mesh_and_cfg("dp2_sp4", dataclasses.replace(cfg, logn_base=8))
+    batch = _packed_batch(tokens)
+    packed = model.logits(cfg, params, tokens, mesh=mesh, segment_ids=batch["segment_ids"],
+                          positions=batch["positions"])
+    alone = model.logits(cfg, params, tokens[:, 40:])
+    assert rel_err(np.asarray(packed)[:, 40:], alone) < 1e-4
 
 
 @pytest.mark.parametrize("mesh_name", ["single", "dp2_sp4"])

@@ -75,7 +75,7 @@ def place_params(cfg: model.ModelConfig, params: dict, mesh: Mesh) -> dict:
     return jax.tree.map(put, params, decode_shardings(cfg, params, mesh))
 
 
-def _qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, use):
+def _qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, rope: model.Rope, use):
     """Prefill's q [b, s, heads, hd], k, v [b, s, kv_heads, hd] with RoPE (smeared as in
     training), and the keys and queries before both; `use` turns a weight into an operand
     (gathered as training does)."""
@@ -84,7 +84,8 @@ def _qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, use):
     v = jnp.einsum("bsd,dhk->bshk", h, use(lp["wv"], ("embed", "kv_heads", "head_dim")))
     k = model.smear_sequence_keys(cfg, mesh, raw, lp, None)  # one prompt per row: no segments
     q = model.smear_sequence_queries(cfg, mesh, raw_q, lp, None)
-    return model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin), v, raw, raw_q
+    return (model.apply_rope(q, rope.q_cos, rope.q_sin), model.apply_rope(k, rope.cos, rope.sin),
+            v, raw, raw_q)
 
 
 def _prompt_tail(cfg: model.ModelConfig, mesh: Mesh, x, last, n: int):
@@ -108,11 +109,11 @@ def _prompt_tail(cfg: model.ModelConfig, mesh: Mesh, x, last, n: int):
 # ----------------------------------------------------------------------------- prefill
 
 
-def _prefill_layer(cfg: model.ModelConfig, mesh: Mesh, cos, sin, last, x, lp):
+def _prefill_layer(cfg: model.ModelConfig, mesh: Mesh, rope: model.Rope, last, x, lp):
     dt = jnp.dtype(cfg.dtype)
     use = lambda w, names: model._use(w, names, dt, mesh)
     q, k, v, raw, raw_q = _qkv(cfg, mesh, model.rms_norm(x, lp["attn_norm"], cfg.norm_eps), lp,
-                               cos, sin, use)
+                               rope, use)
     # The prompt's last raw keys (and queries), which the first decoded token's mix in.
     smear = cfg.smear_tokens if cfg.smear_keys else 0
     prev_k = _prompt_tail(cfg, mesh, raw, last, smear)
@@ -135,8 +136,7 @@ def prefill_jit(cfg, spec: CacheSpec, mesh, params, tokens, positions, lengths, 
     dt = jnp.dtype(cfg.dtype)
     x = jnp.take(model._use(params["embed"], ("vocab", "embed"), dt, mesh), tokens, axis=0)
     x = sharding.constrain(x, model.ACT, mesh)
-    cos, sin = model.rope_tables(cfg, positions)
-    layer = functools.partial(_prefill_layer, cfg, mesh, cos, sin, last)
+    layer = functools.partial(_prefill_layer, cfg, mesh, model.rope_tables(cfg, positions), last)
     x, (k, v, prev_k, prev_q) = lax.scan(layer, x, params["layers"])
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [b, 1, d]: each row's last token
     h = model.rms_norm(x, params["final_norm"], cfg.norm_eps)[:, 0]
@@ -253,7 +253,7 @@ def merged_attention(q, k_new, v_new, ck, cv, step, lengths, *, spec: CacheSpec,
     return fn(q, k_new, v_new, ck, cv, step, lengths, index, is_decode)
 
 
-def _decode_qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, pk, pq):
+def _decode_qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, rope: model.Rope, pk, pq):
     """q [b, heads, hd], k, v [b, kv_heads, hd], whole over sp, with RoPE (smeared with pk
     and pq, `KVCache.prev_k` and prev_q, with model.smear_keys), and the histories with this
     token's raw k and q put first. The projections use the weights as placed (head_dim over
@@ -267,26 +267,28 @@ def _decode_qkv(cfg: model.ModelConfig, mesh: Mesh, h, lp, cos, sin, pk, pq):
         q, k, v = jnp.split(qkv, [q.shape[1], q.shape[1] + k.shape[1]], axis=1)
     else:
         q, k, v = whole(q), whole(k), whole(v)
-    rope = lambda x: model.apply_rope(x[:, None], cos, sin)[:, 0]
+    rope_k = lambda x: model.apply_rope(x[:, None], rope.cos, rope.sin)[:, 0]
+    rope_q = lambda x: model.apply_rope(x[:, None], rope.q_cos, rope.q_sin)[:, 0]
     if not cfg.smear_keys:
-        return rope(q), rope(k), v, None, None
+        return rope_q(q), rope_k(k), v, None, None
     back = lambda hist: tuple(hist[:, i] for i in range(hist.shape[1]))
     push = lambda hist, x: jnp.concatenate([x[:, None], hist[:, :-1]], axis=1)
     if cfg.smear_tokens == 1:
-        return rope(q), rope(model.smear_keys(k, pk[:, 0], lp["smear"])), v, push(pk, k), None
+        return (rope_q(q), rope_k(model.smear_keys(k, pk[:, 0], lp["smear"])), v, push(pk, k),
+                None)
     sk = model.mix_taps(k, back(pk), lp["key_taps"])
     sq = model.mix_taps(q, back(pq), lp["query_taps"])
-    return rope(sq), rope(sk), v, push(pk, k), push(pq, q)
+    return rope_q(sq), rope_k(sk), v, push(pk, k), push(pq, q)
 
 
-def _decode_layer(cfg: model.ModelConfig, mesh: Mesh, cache: KVCache, cos, sin, x, lp, ck, cv,
-                  pk, pq):
+def _decode_layer(cfg: model.ModelConfig, mesh: Mesh, cache: KVCache, rope: model.Rope, x, lp,
+                  ck, cv, pk, pq):
     """One layer for one token per row: x [b, d] (whole on every device) and the layer's
     cache (pk, pq: its `KVCache.prev_k`, prev_q) -> (x, ck, cv, pk, pq). Weights stay split
     over tp x sp: no gathering per token."""
     dt = jnp.dtype(cfg.dtype)
     q, k, v, pk, pq = _decode_qkv(cfg, mesh, model.rms_norm(x, lp["attn_norm"], cfg.norm_eps),
-                                  lp, cos, sin, pk, pq)
+                                  lp, rope, pk, pq)
     o, ck, cv = merged_attention(q, k, v, ck, cv, cache.step, cache.lengths, spec=cache.spec,
                                  mesh=mesh)
     o = _pin(o, ("batch", "heads", "head_dim"), mesh)  # each device's slice: no data moves
@@ -348,14 +350,14 @@ def decode_step(cfg: model.ModelConfig, params: dict, cache: KVCache, tokens, *,
     dt = jnp.dtype(cfg.dtype)
     x = jnp.take(params["embed"], tokens, axis=0).astype(dt)  # [b, d]
     x = _pin(x, ("batch", "embed"), mesh)
-    cos, sin = model.rope_tables(cfg, cache.positions[:, None])  # [b, 1, hd]
+    rope = model.rope_tables(cfg, cache.positions[:, None])  # [b, 1, hd]
     per_layer = unstack_cache(cache)
     ks, vs = list(per_layer.k), list(per_layer.v)
     pks = list(per_layer.prev_k or (None,) * len(ks))
     pqs = list(per_layer.prev_q or (None,) * len(ks))
     for i, lp in enumerate(unstack_layers(params)["layers"]):  # unrolled
-        x, ks[i], vs[i], pks[i], pqs[i] = _decode_layer(cfg, mesh, cache, cos, sin, x, lp, ks[i],
-                                                        vs[i], pks[i], pqs[i])
+        x, ks[i], vs[i], pks[i], pqs[i] = _decode_layer(cfg, mesh, cache, rope, x, lp, ks[i], vs[i],
+                                                        pks[i], pqs[i])
     h = model.rms_norm(x, params["final_norm"], cfg.norm_eps)
     stacked = not isinstance(cache.k, tuple)
     join = lambda xs: None if xs[0] is None else (jnp.stack(xs) if stacked else tuple(xs))

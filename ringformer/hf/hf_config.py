@@ -96,6 +96,9 @@ def check_exportable(cfg: ModelConfig) -> None:
     if cfg.smear_keys:
         raise ConfigError("a model with model.smear_keys has no Hugging Face LLaMA equivalent",
                           "export a run trained without smeared keys")
+    if cfg.logn_base:
+        raise ConfigError("a model with model.logn_base has no Hugging Face LLaMA equivalent",
+                          "export a run trained with model.logn_base=0")
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _llama_oracle import VOCAB, build, hf_logits, random_smearing
+from _llama_oracle import VOCAB, build, hf_logits, logn_hooks, random_smearing
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -89,6 +89,22 @@ def test_greedy_with_smeared_keys_matches_whole_sequence_forwards(oracles, promp
     cfg = dataclasses.replace(cfg, smear_keys=True, smear_tokens=smear_tokens)
     got = Generator(cfg, params, mesh=_mesh(sp, tp, fsdp)).generate(prompts, max_new_tokens=T)
     with hooks():
+        for p, g in zip(prompts, got.tokens, strict=True):
+            seq = list(p)
+            for _ in range(T):
+                seq.append(int(hf_logits(ref, np.array([seq]))[0, -1].argmax()))
+            assert g.tolist() == seq[len(p):]
+
+
+@pytest.mark.parametrize("sp,tp,fsdp", [(1, 1, 1), (4, 1, 1), (2, 2, 2)])
+def test_greedy_with_logn_queries_matches_whole_sequence_forwards(oracles, prompts, sp, tp,
+                                                                  fsdp):
+    """Prefill scales each prompt query by its position's log and every decoded token by its
+    own, as a whole-sequence forward does (transformers with scaling hooks, no cache)."""
+    cfg, params, ref = oracles["gqa_llama3"]
+    cfg = dataclasses.replace(cfg, logn_base=4)
+    got = Generator(cfg, params, mesh=_mesh(sp, tp, fsdp)).generate(prompts, max_new_tokens=T)
+    with logn_hooks(ref, 4):
         for p, g in zip(prompts, got.tokens, strict=True):
             seq = list(p)
             for _ in range(T):

@@ -130,12 +130,16 @@ def test_random_init_exports_and_matches(tmp_path, tokens):
     assert rel_err(model.logits(cfg, params, tokens), theirs) < 1e-4
 
 
-def test_smeared_keys_are_refused_before_anything_is_written(tmp_path):
-    """transformers' LLaMA has no smeared keys: an export would compute another model."""
+@pytest.mark.parametrize("changes", [dict(smear_keys=True), dict(logn_base=64)],
+                         ids=["smear_keys", "logn_base"])
+def test_models_transformers_cannot_compute_are_refused_before_anything_is_written(tmp_path,
+                                                                                  changes):
+    """transformers' LLaMA has neither smeared keys nor log-n queries: an export would
+    compute another model."""
     cfg = model.ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                            ffn_dim=96, smear_keys=True, **RUN)
+                            ffn_dim=96, **changes, **RUN)
     params = model.init_params(cfg, jax.random.key(0))
-    with pytest.raises(ConfigError, match="smear_keys"):
+    with pytest.raises(ConfigError, match=next(iter(changes))):
         hf.save_llama(cfg, params, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
