@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import numbers
 import os
 from collections.abc import Mapping
@@ -157,9 +158,8 @@ class ModelConfig(Section):
     # Tokens back a smeared key reaches. 1: a weight per kv head. 2: per channel, keys mix the
     # two before them and queries the one before, so a head matches "key is", not any "is".
     smear_tokens: int = 1
-    # Queries at position p (from 0 in their document) scaled by max(1, ln(p + 1) / ln(base)),
-    # Qwen's log-n attention: past `base` tokens the logits sharpen as the keys they are
-    # spread over multiply, against attention diluted by length. 0: off. Not a LLaMA either.
+    # Queries at p (0 at their document's start) times max(1, log_base(p + 1)), Qwen's log-n
+    # attention: logits sharpen as the keys they spread over multiply. 0: off; no HF export.
     logn_base: int = 0
     init_std: float = 0.02
     dtype: str = "bfloat16"
@@ -217,9 +217,8 @@ class ModelConfig(Section):
 _FLAT_ATTENTION_KEYS = {"attn_impl": "impl", "attn_layout": "layout", "q_chunk": "q_chunk",
                         "kv_chunk": "kv_chunk", "attn_pipeline_grads": "pipeline_grads",
                         "attn_kernel": "kernel"}
-SECTIONS: dict[str, type[Section]] = {"train": TrainConfig, "mesh": MeshConfig, "data": DataConfig,
-                                      "model": ModelConfig, "attention": AttentionConfig,
-                                      "optim": OptimConfig}
+SECTIONS: dict[str, type[Section]] = dict(train=TrainConfig, mesh=MeshConfig, data=DataConfig,
+                                          model=ModelConfig, attention=AttentionConfig, optim=OptimConfig)
 
 
 def config_module(path: str | os.PathLike):
@@ -313,15 +312,13 @@ def check_model(m) -> None:
           "choose n_heads that divides dim")
     _need((m.dim // m.n_heads) % 2 == 0, f"head_dim={m.dim // m.n_heads} is odd",
           "rotary embeddings need an even head_dim")
+    _need(m.logn_base == 0 or m.logn_base >= 2, f"model.logn_base={m.logn_base} is not 0 or at"
+          " least 2", "set --config.model.logn_base=0 (off) or the context trained at, e.g. 4096")
     # Each is a divisor or a base in model.py: 0 or less gives inf/NaN, first seen as a
     # non-finite loss after the compile (and a negative factor runs, with nonsense positions).
-    _need(m.logn_base == 0 or m.logn_base >= 2, f"model.logn_base={m.logn_base} is not 0 or"
-          " at least 2", "set --config.model.logn_base=0 (off) or the context trained at,"
-          " e.g. 4096")
-    _need(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive",
-          "set --config.model.rope_theta, e.g. 10000.0")
-    _need(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive",
-          "set --config.model.norm_eps, e.g. 1e-5")
+    for k, example in (("rope_theta", 10000.0), ("norm_eps", 1e-5)):
+        v = getattr(m, k)
+        _need(v > 0, f"model.{k}={v} must be positive", f"set --config.model.{k}, e.g. {example}")
     if m.rope_scaling != "none":
         _need(m.rope_scaling_factor > 0,
               f"model.rope_scaling_factor={m.rope_scaling_factor} must be positive with"
@@ -353,18 +350,14 @@ def parse_mesh_flag(text: str) -> dict[str, int]:
 
 def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
     """Resolve -1 in (dp, fsdp, sp, tp) against the device count; raise ConfigError if it cannot fit."""
-    names = MESH_AXES
-    sizes = {n: int(mesh_cfg[n]) for n in names}
-    fill = [n for n in names if sizes[n] == -1]
+    sizes = {n: int(mesh_cfg[n]) for n in MESH_AXES}
+    fill = [n for n in MESH_AXES if sizes[n] == -1]
     _need(len(fill) <= 1, f"mesh has -1 in {len(fill)} axes ({', '.join(fill)})",
           "use -1 for at most one of dp, fsdp, sp, tp")
-    for n in names:
+    for n in MESH_AXES:
         _need(sizes[n] == -1 or sizes[n] >= 1, f"mesh.{n}={sizes[n]} must be positive",
               "use a positive size or -1 to fill")
-    known = 1
-    for n in names:
-        if sizes[n] != -1:
-            known *= sizes[n]
+    known = math.prod(v for v in sizes.values() if v != -1)
     if fill:
         _need(n_devices % known == 0,
               f"mesh {sizes} cannot fill {n_devices} devices: {n_devices} is not divisible by {known}",
