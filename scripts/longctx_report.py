@@ -3,8 +3,9 @@
     python scripts/longctx_report.py --eval stage1=runs/longctx/eval_stage1.json \
         --eval stage2=runs/longctx/eval_stage2.json --out_dir docs/images
 
-Writes OUT_DIR/longctx_passkey.png (greedy passkey heatmaps), longctx_loss_by_position.png
-(both loss-by-position curves on one plot) and longctx_summary.md (accuracy per length).
+Writes OUT_DIR/longctx_passkey.png (greedy passkey heatmaps), longctx_distance.png (accuracy
+by how far back the key sits), longctx_loss_by_position.png (both loss-by-position curves on
+one plot) and longctx_summary.md (accuracy per length and per distance).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def main() -> int:
 
     made = compare(evals, args.out_dir, args.prefix)
     print(made["markdown"], end="")
-    print("plots:", made["loss_plot"], made.get("passkey_plot", "(no passkey table)"))
+    print("plots:", made["loss_plot"], made.get("passkey_plot", "(no passkey table)"),
+          made.get("distance_plot", ""))
     return 0
 
 

@@ -193,7 +193,8 @@ def test_recipe_end_to_end(data, tmp_path):
     made = compare(evals, tmp_path / "images")
     assert Path(made["passkey_plot"]).stat().st_size > 0
     assert Path(made["loss_plot"]).stat().st_size > 0
-    assert made["markdown"].count("| stage") == 2
+    assert made["markdown"].count("| stage") == 4  # by length, then by distance
+    assert Path(made["distance_plot"]).stat().st_size > 0
 
 
 def _probe(workdir: Path) -> None:

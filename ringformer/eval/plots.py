@@ -6,6 +6,7 @@ eval step should not pay for the import.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -100,6 +101,32 @@ def plot_stages_passkey(tables: dict, path: str | Path) -> Path:
         ax.set_title(f"{name}: greedy {t['greedy_mean']:.0%}")
     axes[0].set_ylabel("key depth")
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="exact-match accuracy")
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def plot_stages_distance(rows: dict, edges, path: str | Path) -> Path:
+    """Greedy accuracy against how far back the key sits, several runs on one plot (name ->
+    [(found, prompts)] per bucket between consecutive `edges`; `report.by_distance`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    labels = [f"{a // 1024}-{b // 1024}K" if a else f"<{b // 1024}K"
+              for a, b in itertools.pairwise(edges)]
+    for name, counts in rows.items():
+        acc = [f / n if n else np.nan for f, n in counts]
+        ax.plot(range(len(labels)), acc, marker="o", label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("tokens between the key and the end of the prompt")
+    ax.set_ylabel("greedy exact-match accuracy")
+    ax.set_title("passkey retrieval by distance (all lengths pooled)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
     path = Path(path)
     fig.savefig(path)
     return path

@@ -1,13 +1,17 @@
 """Side-by-side report of several evaluations (the long-context recipe's stage 1 and 2).
 
 Reads the OUT.json files of `scripts/eval.py` runs with a generation passkey table, draws
-both stages' heatmaps in one PNG and their loss-by-position curves on one plot, and returns
-the accuracy per length as a markdown table for docs/long_context.md.
+both stages' heatmaps in one PNG, their loss-by-position curves on one plot and their
+accuracy by how far back the key sits on another, and returns the accuracy per length and per
+distance as markdown tables for docs/long_context.md.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from ringformer.errors import DataError
@@ -41,9 +45,37 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Buckets of how far back a key sits from the question. Accuracy by length mixes near and far
+# keys (at depth 100% of a 16K prompt the key is a sentence back); this separates them.
+DISTANCE_EDGES = (0, 1024, 2048, 4096, 8192, 16384)
+
+
+def by_distance(passkey: dict, edges: Sequence[int] = DISTANCE_EDGES) -> list[tuple[int, int]]:
+    """(found, prompts) per bucket [edges[i], edges[i + 1]) of the distance from each prompt's
+    key to its end, (1 - depth) x prompt tokens (the filler around the key sets the depth; the
+    question after it is a few tokens); the last bucket also takes anything further."""
+    counts = [[0, 0] for _ in edges[:-1]]
+    for e in passkey.get("examples", []):
+        back = (1.0 - e["depth"]) * e["prompt_tokens"]
+        bucket = counts[min(max(bisect.bisect_right(edges, back) - 1, 0), len(counts) - 1)]
+        bucket[0] += bool(e["greedy"])
+        bucket[1] += 1
+    return [(found, n) for found, n in counts]
+
+
+def distance_markdown(results: dict, edges: Sequence[int] = DISTANCE_EDGES) -> str:
+    """Greedy keys found / prompts per distance bucket (rows: runs), as markdown."""
+    names = [f"{a:,}-{b:,}" for a, b in itertools.pairwise(edges)]
+    lines = ["| run | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for name, r in results.items():
+        cells = [f"{f}/{n}" if n else "-" for f, n in by_distance(r.get("passkey", {}), edges)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def compare(evals: dict[str, str | Path], out_dir: str | Path, prefix: str = "longctx") -> dict:
-    """PNGs `prefix`_passkey.png and `prefix`_loss_by_position.png, and `prefix`_summary.md,
-    in out_dir; returns their paths and the markdown."""
+    """PNGs `prefix`_passkey.png, `prefix`_distance.png and `prefix`_loss_by_position.png, and
+    `prefix`_summary.md, in out_dir; returns their paths and the markdown."""
     results = {name: _load(p) for name, p in evals.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,5 +84,10 @@ def compare(evals: dict[str, str | Path], out_dir: str | Path, prefix: str = "lo
     if tables:
         made["passkey_plot"] = str(plots.plot_stages_passkey(tables, out / f"{prefix}_passkey.png"))
     made["markdown"] = markdown(results)
+    if any(t.get("examples") for t in tables.values()):
+        rows = {n: by_distance(t) for n, t in tables.items()}
+        made["distance_plot"] = str(plots.plot_stages_distance(rows, DISTANCE_EDGES,
+                                                               out / f"{prefix}_distance.png"))
+        made["markdown"] += "\n" + distance_markdown(results)
     (out / f"{prefix}_summary.md").write_text(made["markdown"])
     return made
